@@ -1,0 +1,141 @@
+"""Batching shared by every dataset: seeded shuffle per epoch, validation split, DDP sharding, resume.
+
+The order of an epoch is a pure function of (seed, epoch), so a resumed run sees the same batches
+as an uninterrupted one, and a mid-epoch resume skips the batches already trained without loading
+them. Under torchrun each rank takes every world_size-th sample of that order.
+"""
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from utils import dist
+
+
+class _IndexSampler(Sampler):
+    """Yields whatever indices the loader set for the current epoch."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class BaseDataLoader:
+    """Batches `dataset`. A dataset with a `get_batch(indices)` method (data already in memory) is
+    batched by index in this process; any other goes through a torch DataLoader with workers.
+
+    validation_split: a fraction (0 < x < 1) or a count of training samples held out for validation.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool = True,
+        validation_split: float = 0.0,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        prefetch_factor: int = 2,
+        drop_last: bool = False,
+        seed: int = 0,
+        indices: torch.Tensor | None = None,
+    ):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.drop_last, self.seed = drop_last, seed
+        self.loader_options = {"num_workers": num_workers, "pin_memory": pin_memory and torch.cuda.is_available()}
+        if num_workers > 0:
+            self.loader_options.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+        self.indices = torch.arange(len(dataset)) if indices is None else indices
+        self.valid_indices = self._split(validation_split)
+        self.epoch, self.skip_batches = 0, 0
+        self._sampler = _IndexSampler()
+        self._loader = None  # created on first use, kept so persistent workers survive epochs
+
+    def _split(self, validation_split: float) -> torch.Tensor | None:
+        n = len(self.indices)
+        if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)):
+            raise ValueError(f"validation_split must be a fraction or a count, got {validation_split!r}")
+        if isinstance(validation_split, int):
+            n_valid = validation_split
+            if not 0 <= n_valid < n:
+                raise ValueError(f"validation_split {n_valid} must be a count in [0, {n}) (the dataset size)")
+        else:
+            if not 0.0 <= validation_split < 1.0:
+                raise ValueError(f"validation_split {validation_split} must be a fraction in [0, 1)")
+            n_valid = int(n * validation_split)
+        if n_valid == 0:
+            return None
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        valid = self.indices[order[:n_valid]]
+        self.indices = self.indices[order[n_valid:]]
+        return valid
+
+    def split_validation(self) -> "BaseDataLoader | None":
+        """A loader over the held-out samples: same dataset, no shuffle, no padding across ranks."""
+        if self.valid_indices is None:
+            return None
+        valid = object.__new__(type(self))
+        valid.__dict__.update(self.__dict__)
+        valid.indices, valid.valid_indices, valid.shuffle, valid.drop_last = self.valid_indices, None, False, False
+        valid._sampler, valid._loader = _IndexSampler(), None
+        return valid
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the order of `epoch`; the first `skip_batches` batches are skipped (resume)."""
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def to(self, device: torch.device) -> "BaseDataLoader":
+        """Move in-memory data to the training device (a no-op for datasets read by workers)."""
+        if hasattr(self.dataset, "to"):
+            self.dataset.to(device)
+        return self
+
+    def epoch_indices(self) -> torch.Tensor:
+        """This rank's samples for the current epoch, in order, before skipping."""
+        indices = self.indices
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            indices = indices[torch.randperm(len(indices), generator=generator)]
+        world = dist.world_size()
+        if world > 1:
+            if self.shuffle:  # training: every rank gets as many samples (steps must match), as DistributedSampler
+                padded = -(-len(indices) // world) * world
+                indices = torch.cat([indices, indices[: padded - len(indices)]])
+            indices = indices[dist.rank() :: world]
+        if self.drop_last:
+            indices = indices[: len(indices) // self.batch_size * self.batch_size]
+        return indices
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.indices)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (skipped ones included)."""
+        return -(-len(self.epoch_indices()) // self.batch_size)
+
+    def __iter__(self) -> Iterator:
+        indices = self.epoch_indices()[self.skip_batches * self.batch_size :]
+        self.skip_batches = 0
+        if hasattr(self.dataset, "get_batch"):
+            indices = indices.to(self.dataset.device)
+            for start in range(0, len(indices), self.batch_size):
+                yield self.dataset.get_batch(indices[start : start + self.batch_size])
+            return
+        if self._loader is None:
+            # its own generator: creating the iterator must not consume the global RNG (exact resume)
+            self._loader = DataLoader(self.dataset, self.batch_size, sampler=self._sampler,
+                                      generator=torch.Generator().manual_seed(self.seed), **self.loader_options)
+        self._sampler.indices = indices.tolist()
+        yield from self._loader

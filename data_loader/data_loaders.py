@@ -1,0 +1,63 @@
+"""Data loaders. Any class defined here can be named in a config's `data_loader.type`."""
+
+from pathlib import Path
+
+from base import BaseDataLoader
+from data_loader.datasets import MNIST_FILES, InMemoryImages, find_file, read_idx
+from utils.errors import UserError
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class MnistDataLoader(BaseDataLoader):
+    """MNIST from `<data_dir>/MNIST/raw/` (the four IDX files, gzipped or not, as torchvision keeps them).
+
+    in_memory: decode once into a uint8 tensor on the training device and take batches by index
+    (fast); false: torchvision.datasets.MNIST with per-sample transforms in DataLoader workers
+    (the path to add augmentation to). training: false gives the official test split.
+    download: fetch the files with torchvision when they are missing (needs a network).
+    """
+
+    def __init__(self, data_dir: str, batch_size: int = 128, shuffle: bool = True, validation_split: float = 0.0,
+                 num_workers: int = 0, training: bool = True, in_memory: bool = True, download: bool = False,
+                 pin_memory: bool = True, persistent_workers: bool = False, prefetch_factor: int = 2,
+                 drop_last: bool = False, seed: int = 0):
+        raw = Path(data_dir) / "MNIST" / "raw"
+        files = [find_file(raw, name) for name in MNIST_FILES[training]]
+        if None in files and download:
+            self._download(data_dir, training)
+            files = [find_file(raw, name) for name in MNIST_FILES[training]]
+        if None in files:
+            missing = ", ".join(f"{n}.gz" for n, f in zip(MNIST_FILES[training], files) if f is None)
+            raise UserError(f"MNIST files not found: put {missing} in {raw}/ (or set download: true when online)")
+        if in_memory:
+            images, targets = (read_idx(f) for f in files)
+            dataset = InMemoryImages(images.unsqueeze(1), targets, MNIST_MEAN, MNIST_STD)
+        else:
+            dataset = self._torchvision_dataset(data_dir, raw, files, training)
+        super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, pin_memory,
+                         persistent_workers, prefetch_factor, drop_last, seed)
+
+    @staticmethod
+    def _download(data_dir: str, training: bool) -> None:
+        from torchvision import datasets
+
+        try:
+            datasets.MNIST(data_dir, train=training, download=True)
+        except Exception as e:  # noqa: BLE001 - offline, a proxy, a mirror down: one answer
+            raw = Path(data_dir) / "MNIST" / "raw"
+            raise UserError(f"could not download MNIST ({type(e).__name__}); put the files in {raw}/") from None
+
+    @staticmethod
+    def _torchvision_dataset(data_dir: str, raw: Path, files: list[Path], training: bool):
+        import gzip
+        import shutil
+
+        from torchvision import datasets, transforms
+
+        for file in files:  # torchvision reads only the extracted files
+            if file.suffix == ".gz" and not file.with_suffix("").exists():
+                with gzip.open(file, "rb") as src, open(file.with_suffix(""), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+        return datasets.MNIST(data_dir, train=training, transform=transform)

@@ -1,0 +1,58 @@
+"""Datasets that fit in memory: decoded once into a uint8 tensor, normalised per batch on its device."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+MNIST_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def find_file(folder: Path, name: str) -> Path | None:
+    """`name` or `name.gz` in `folder`."""
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (the MNIST format, http://yann.lecun.com/exdb/mnist/), gzipped or not, as uint8."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(shape)
+
+
+class InMemoryImages(Dataset):
+    """uint8 images (N, C, H, W) and integer targets; `get_batch` indexes and normalises a whole batch."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: float, std: float):
+        self.images, self.targets = images, targets.long()
+        # (x / 255 - mean) / std as one multiply and one subtract
+        self.scale, self.shift = 1.0 / (255.0 * std), mean / std
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device) -> "InMemoryImages":
+        self.images, self.targets = self.images.to(device), self.targets.to(device)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.get_batch(torch.tensor([index]))[0][0], self.targets[index]
+
+    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.images[indices].float().mul_(self.scale).sub_(self.shift)
+        return images, self.targets[indices]

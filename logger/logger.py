@@ -1,0 +1,21 @@
+import logging
+import sys
+from pathlib import Path
+
+LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+
+
+def setup_logging(log_file: Path | None, verbosity: int = 2, rank: int = 0) -> None:
+    """Log to the console and, on rank 0, append to `log_file` (a resumed run continues the same file)."""
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+    level = LEVELS.get(verbosity, logging.DEBUG) if rank == 0 else logging.WARNING
+    root.setLevel(level)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
+    root.addHandler(console)
+    if log_file is not None and rank == 0:
+        file = logging.FileHandler(log_file, mode="a")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(file)

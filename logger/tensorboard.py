@@ -1,0 +1,55 @@
+"""TensorBoard, when enabled; otherwise every call does nothing. Imported only when used (it is slow)."""
+
+from pathlib import Path
+
+import torch
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[f"{prefix}{key}"] = value
+        elif isinstance(value, list):
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+class TensorboardWriter:
+    def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None = None):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run hides points an interrupted run logged after its checkpoint
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step or None)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def image_grid(self, tag: str, images: torch.Tensor, step: int) -> None:
+        if self.writer:
+            from torchvision.utils import make_grid
+
+            self.writer.add_image(tag, make_grid(images[:64].detach().float().cpu(), normalize=True), step)
+
+    def histograms(self, model: torch.nn.Module, step: int) -> None:
+        if self.writer:
+            for name, param in model.named_parameters():
+                self.writer.add_histogram(f"params/{name}", param.detach().float().cpu(), step)
+                if param.grad is not None:
+                    self.writer.add_histogram(f"grads/{name}", param.grad.detach().float().cpu(), step)
+
+    def hparams(self, config: dict, final: dict[str, float]) -> None:
+        """The run's config and final metrics, for TensorBoard's HParams view."""
+        if self.writer and final:
+            metrics = {f"hparam/{k}": v for k, v in final.items()}
+            self.writer.add_hparams(_flatten(config), metrics, run_name=".")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

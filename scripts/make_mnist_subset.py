@@ -1,0 +1,62 @@
+"""Build the small MNIST subset bundled in data/mnist_small/ from the full MNIST files.
+
+    python scripts/make_mnist_subset.py ../shared/datasets/mnist data/mnist_small
+
+Takes a class-balanced random sample (fixed seed, so the output is byte-identical on every run)
+and writes it in the original IDX format, gzipped, under <out>/MNIST/raw/, where the MNIST
+data loader and torchvision.datasets.MNIST look for files.
+"""
+
+import argparse
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = {"train": 10_000, "t10k": 2_000}  # images kept per split; ~2 MB gzipped in all
+
+
+def read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(header + array.tobytes())
+
+
+def find(src: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (src / name).exists():
+            return src / name
+    raise SystemExit(f"error: {src / stem}[.gz] not found")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, help="folder holding the four full MNIST files")
+    parser.add_argument("out", type=Path, help="output root (files go to <out>/MNIST/raw/)")
+    args = parser.parse_args()
+    raw = args.out / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, count in SPLITS.items():
+        images = read_idx(find(args.src, f"{split}-images-idx3-ubyte"))
+        labels = read_idx(find(args.src, f"{split}-labels-idx1-ubyte"))
+        per_class = count // 10
+        keep = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in range(10)])
+        keep = rng.permutation(keep)
+        write_idx(raw / f"{split}-images-idx3-ubyte.gz", images[keep])
+        write_idx(raw / f"{split}-labels-idx1-ubyte.gz", labels[keep])
+        print(f"{split}: {len(keep)} images -> {raw}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""One epoch of training and evaluation. Subclass Trainer and override `train_step`/`valid_step`
+to change what a step computes; the loop stays this one."""
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from base import BaseTrainer
+from base.base_trainer import log
+from utils import dist
+from utils.errors import TrainingError
+
+
+class MetricTracker:
+    """Sample-weighted sums of the loss and metrics, kept on the device. `result()` is the only host
+    sync; under DDP it sums over ranks, so every rank sees the global average."""
+
+    def __init__(self, metric_fns: dict[str, Callable], device: torch.device):
+        self.names = ["loss", *metric_fns]
+        self.metric_fns, self.device = metric_fns, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.names), device=self.device)
+        self.count = 0  # samples, known on the host: no sync
+        self.first_nonfinite = torch.full((), -1, device=self.device)  # batch index of the first NaN/Inf loss
+        self.batches = torch.zeros((), device=self.device)
+
+    def update(self, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> None:
+        n = target.shape[0]
+        values = torch.stack([loss.float(), *(fn(output, target).float() for fn in self.metric_fns.values())])
+        self.sums.add_(values, alpha=n)
+        self.count += n
+        bad = ~torch.isfinite(loss) & (self.first_nonfinite < 0)
+        self.first_nonfinite = torch.where(bad, self.batches, self.first_nonfinite)
+        self.batches.add_(1)
+
+    def result(self, reduce: bool = True, since: tuple | None = None) -> dict[str, float]:
+        """Averages since the last reset (or since a `snapshot()`), summed over ranks if `reduce`."""
+        sums, count = self.sums, self.count
+        if since is not None:
+            sums, count = sums - since[0], count - since[1]
+        totals = torch.cat([sums, torch.tensor([float(count)], device=self.device)])
+        if reduce:
+            totals = dist.all_reduce_sum(totals.clone())
+        values = (totals[:-1] / totals[-1].clamp(min=1)).tolist()
+        return dict(zip(self.names, values))
+
+    def snapshot(self) -> tuple[torch.Tensor, int]:
+        return self.sums.clone(), self.count
+
+    def nonfinite_batch(self) -> int | None:
+        index = int(self.first_nonfinite)
+        return None if index < 0 else index
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums, "count": self.count, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.count = state["sums"].to(self.device), state["count"]
+        self.batches = state["batches"].to(self.device)
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(step: Callable, loader, metric_fns: dict[str, Callable], device: torch.device, amp: str = "off",
+             progress=None) -> dict[str, float]:
+    """Loss and metrics of `step(data, target) -> (loss, output)` over `loader`, sample-weighted and
+    reduced over ranks. Validation and test.py both use this."""
+    tracker = MetricTracker(metric_fns, device)
+    for data, target in loader:
+        data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast(device, amp):
+            loss, output = step(data, target)
+        tracker.update(loss, output, target)
+        if progress is not None:
+            progress.update(target.shape[0])
+    return tracker.result()
+
+
+class Trainer(BaseTrainer):
+    def __init__(self, model, criterion, metric_fns, optimizer, config, device, run_dir, data_loader,
+                 valid_data_loader=None, lr_scheduler=None):
+        super().__init__(model, criterion, metric_fns, optimizer, config, device, run_dir, lr_scheduler)
+        self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
+        self.train_metrics = MetricTracker(metric_fns, device)
+        self.accum_steps, self.grad_clip = self.options["accum_steps"], self.options["grad_clip"]
+        self.memory_format = torch.channels_last if self.options["channels_last"] else torch.preserve_format
+        self.forward_model = model  # what steps call: may be compiled and/or wrapped in DDP
+        if self.options["compile"]:
+            self.forward_model = torch.compile(self.forward_model)
+        if dist.is_distributed():
+            ids = [device.index] if device.type == "cuda" else None
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.forward_model, device_ids=ids)
+
+    def train_step(self, data: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward one batch: (loss, output). Override for custom work; backward and step stay in the loop."""
+        output = self.forward_model(data)
+        return self.criterion(output, target), output
+
+    def valid_step(self, data: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = self.model(data)  # the plain module: no DDP buffer sync in evaluation
+        return self.criterion(output, target), output
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        loader, tracker = self.data_loader, self.train_metrics
+        skip = self.batch_in_epoch  # > 0 only when resuming in the middle of this epoch
+        tracker.reset()
+        if skip and self.tracker_state is not None:
+            tracker.load_state_dict(self.tracker_state)
+        self.tracker_state = None
+        loader.set_epoch(epoch, skip)
+        n_batches = len(loader)
+        bar = self.progress_bar(epoch, n_batches * loader.batch_size, skip * loader.batch_size)
+        logged = tracker.snapshot()
+        self._log_images(epoch, loader)
+        for batch_idx, (data, target) in enumerate(loader, start=skip):
+            data = data.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            target = target.to(self.device, non_blocking=True)
+            with autocast(self.device, self.options["amp"]):
+                loss, output = self.train_step(data, target)
+            self.scaler.scale(loss / self.accum_steps).backward()
+            tracker.update(loss.detach(), output.detach(), target)
+            last = batch_idx + 1 == n_batches
+            if (batch_idx + 1) % self.accum_steps and not last:
+                continue  # accumulate gradients over accum_steps micro-batches
+            self._optimizer_step(loss, histograms=last and self._due(epoch, "tb_histograms"))
+            self.batch_in_epoch = batch_idx + 1
+            if self.global_step % self.log_step == 0 or last:
+                self._check_finite(epoch, tracker)
+                self._log_progress(bar, tracker, logged, (batch_idx + 1) * loader.batch_size)
+                logged = tracker.snapshot()
+            if self._stop_requested():
+                bar.close()
+                self._stop_now()
+            if self.options["save_step"] and self.global_step % self.options["save_step"] == 0:
+                self._save(["latest.pth"])
+        bar.close()
+        return tracker.result()
+
+    def _optimizer_step(self, loss: torch.Tensor, histograms: bool) -> None:
+        if self.options["on_nonfinite"] == "skip" and not torch.isfinite(loss):  # a host sync, by request
+            self.optimizer.zero_grad(set_to_none=True)
+            log.warning("Skipped step %d: loss is %s", self.global_step + 1, loss.item())
+            return
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if histograms:
+            self.writer.histograms(self.model, self.global_step + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None and self.scheduler_interval == "step":
+            self.lr_scheduler.step()
+        self.global_step += 1
+
+    def _valid_epoch(self, epoch: int) -> dict[str, float]:
+        if self.valid_data_loader is None:
+            return {}
+        self.model.eval()
+        result = evaluate(self.valid_step, self.valid_data_loader, self.metric_fns, self.device, self.options["amp"])
+        return {f"val_{k}": v for k, v in result.items()}
+
+    def _check_finite(self, epoch: int, tracker: MetricTracker) -> None:
+        """Stop on a NaN/Inf loss (checked at log intervals: no per-step sync). Nothing is saved, so
+        model_best.pth and the last good checkpoint stay as they were."""
+        bad = tracker.nonfinite_batch()
+        if bad is not None and self.options["on_nonfinite"] == "stop":
+            raise TrainingError(f"loss is NaN or Inf at epoch {epoch}, batch {bad + 1}: stopping; the last good "
+                                f"checkpoint in {self.run_dir} is kept (lower the learning rate or clip gradients)")
+
+    def _log_progress(self, bar, tracker: MetricTracker, since: tuple, samples_done: int) -> None:
+        values = tracker.result(reduce=False, since=since)
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.writer.scalars({f"step/{k}": v for k, v in values.items()}, self.global_step)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        bar.update(min(samples_done, bar.total) - bar.n)
+
+    def _due(self, epoch: int, option: str) -> bool:
+        period = self.options[option]
+        return bool(period) and self.writer.writer is not None and epoch % period == 0
+
+    def _log_images(self, epoch: int, loader) -> None:
+        if self._due(epoch, "tb_images"):
+            data, _ = next(iter(loader))
+            self.writer.image_grid("inputs", data, self.global_step)
+            loader.set_epoch(epoch, self.batch_in_epoch)

@@ -1,0 +1,1 @@
+"""Helpers that are not a training concern of their own: config, checkpoints, distributed."""

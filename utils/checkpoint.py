@@ -1,0 +1,130 @@
+"""Checkpoint files: atomic writes, safe loads, and finding the newest one that loads.
+
+A checkpoint is one plain dict (state dicts, numbers, strings, the config as a dict) that loads with
+`torch.load(path, weights_only=True)`; nothing else is ever used to load one.
+"""
+
+import io
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.errors import TrainingError, UserError
+
+VERSION = 1
+TMP_MARK = ".tmp-"  # temporary files are named .<target>.tmp-<pid>; never a checkpoint
+
+
+def serialize(state: dict) -> bytes:
+    """The checkpoint's bytes, made once however many files they go to (latest, periodic, best)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def save_atomic(data: bytes, path: Path) -> None:
+    """Write `data` to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash at any moment leaves the old file or the new one, never a truncated one
+    (https://lwn.net/Articles/457667/). A failed write removes the temporary file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise TrainingError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+        raise
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files a killed process left behind (they are never checkpoints)."""
+    for tmp in Path(folder).glob(f".*{TMP_MARK}*"):
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: str | Path) -> dict:
+    """Load a checkpoint safely (`weights_only=True`); any problem is one clear UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint not found")
+    if not path.is_file():
+        raise UserError(f"{path}: not a checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the damage, the answer is the same
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it holds objects other than tensors and plain data, refused for safety"
+        raise UserError(f"{path}: not a loadable checkpoint: {reason[:200]}") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path}: not a checkpoint of this project (no 'model' and 'config' entries)")
+    if state.get("version", 0) > VERSION:
+        raise UserError(f"{path}: checkpoint version {state['version']} is newer than this code ({VERSION})")
+    return state
+
+
+def candidates(run_dir: Path) -> list[Path]:
+    """Resumable checkpoints of a run, newest first (model_best is a copy of an older state)."""
+    files = [p for p in Path(run_dir).glob("*.pth") if p.name != "model_best.pth"]
+    return sorted(files, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def load_newest(run_dir: Path) -> tuple[Path, dict]:
+    """The newest checkpoint in `run_dir` that loads; a damaged one falls back to the one before."""
+    files = candidates(run_dir)
+    if not files:
+        raise UserError(f"{run_dir}: no checkpoint (*.pth) to resume from")
+    for path in files:
+        try:
+            return path, load(path)
+        except UserError as e:
+            warnings.warn(f"skipping {e}", stacklevel=2)
+    raise UserError(f"{run_dir}: none of its {len(files)} checkpoints loads")
+
+
+def newest_run(save_dir: Path, name: str) -> Path:
+    """The newest run folder of config `name` (`-r auto`)."""
+    runs = sorted((p for p in (Path(save_dir) / name).glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime_ns)
+    runs = [p for p in runs if candidates(p)]
+    if not runs:
+        raise UserError(f"-r auto: no run of '{name}' with a checkpoint under {Path(save_dir) / name}")
+    return runs[-1]
+
+
+# ---- random number generators -----------------------------------------------------------------
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU and every CUDA device's generator state, as plain data."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": np_state[2],
+                  "has_gauss": np_state[3], "cached_gaussian": np_state[4]},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(state["python"][0:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])

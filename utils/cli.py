@@ -1,0 +1,77 @@
+"""What train.py and test.py share: argument parsing, device choice, seeding, one-line errors."""
+
+import argparse
+import os
+import random
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from utils import dist
+from utils.errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line and exit code 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run `main`; a UserError or an interrupt becomes one line on stderr and a non-zero exit."""
+    try:
+        code = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as e:  # the Interrupted of a graceful stop carries its own exit code
+        if not hasattr(e, "exit_code"):
+            raise
+        print(str(e), file=sys.stderr)
+        code = e.exit_code
+    if dist.is_distributed():
+        torch.distributed.destroy_process_group()
+    sys.exit(code or 0)
+
+
+def select_device(name: str) -> torch.device:
+    """'auto' is the best available; a named device that is not there is an error, never a fallback."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device '{name}': unknown device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{name}': CUDA is not available on this machine (use -d cpu)")
+        if dist.launched_by_torchrun():  # one GPU per process
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"device '{name}': only {torch.cuda.device_count()} CUDA device(s) here")
+        torch.cuda.set_device(device)
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device '{name}': MPS is not available on this machine (use -d cpu)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device '{name}': unsupported device type (use auto, cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch (each rank differently), and choose speed or bitwise repeatability.
+    https://pytorch.org/docs/stable/notes/randomness.html"""
+    seed += dist.rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)

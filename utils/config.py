@@ -1,0 +1,353 @@
+"""The config: read a JSON or YAML file, apply command-line overrides, check it, build objects by name.
+
+Reading a config has no side effects: nothing is created on disk until training starts.
+Every mistake is a `UserError` naming the file and the key path.
+"""
+
+import copy
+import difflib
+import functools
+import importlib
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from utils.errors import UserError
+
+REQUIRED = object()
+
+# Top-level keys and their defaults. The trainer's own keys live next to it: BaseTrainer.DEFAULTS.
+TOP_LEVEL = {
+    "name": REQUIRED,
+    "seed": 0,
+    "deterministic": False,
+    "device": "auto",
+    "arch": REQUIRED,
+    "data_loader": REQUIRED,
+    "optimizer": REQUIRED,
+    "loss": REQUIRED,
+    "metrics": [],
+    "lr_scheduler": None,
+    "trainer": {},
+}
+
+# Where each role's `type` is looked up, in order. A dotted path (`torchvision.models.resnet18`)
+# is imported as written, for any role.
+ROLE_MODULES = {
+    "arch": ["model.model"],
+    "data_loader": ["data_loader.data_loaders"],
+    "loss": ["model.loss", "torch.nn"],
+    "metrics": ["model.metric"],
+    "optimizer": ["torch.optim"],
+    "lr_scheduler": ["torch.optim.lr_scheduler"],
+}
+
+# Arguments the framework passes itself, so a config need not (and may not always) give them.
+INJECTED = {
+    "optimizer": {"params"},
+    "lr_scheduler": {"optimizer"},
+    "data_loader": {"seed", "training"},
+}
+
+SCHEDULER_INTERVALS = ("epoch", "step")
+
+
+def suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_file(path: str | Path) -> dict:
+    """Parse a .json/.yaml/.yml file into a dict; errors name the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read config: {e}") from None
+    if not text.strip():
+        raise UserError(f"{path}: config file is empty")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    elif path.suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    else:
+        raise UserError(f"{path}: unsupported config format '{path.suffix}' (use .json, .yaml or .yml)")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def parse_override(expr: str) -> tuple[list[str], Any]:
+    """`optimizer.args.lr=0.01` -> (['optimizer', 'args', 'lr'], 0.01); values are YAML scalars/lists."""
+    key, sep, raw = expr.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {expr!r}: expected KEY=VALUE, e.g. trainer.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {expr!r}: cannot parse value: {getattr(e, 'problem', e)}") from None
+    return key.split("."), value
+
+
+def apply_override(config: dict, path: list[str], value: Any) -> None:
+    """Set one dotted key. It must exist already, except a new argument inside an `args` mapping."""
+    node = config
+    for depth, part in enumerate(path):
+        where = ".".join(path[: depth + 1])
+        last = depth == len(path) - 1
+        if not isinstance(node, dict):
+            raise UserError(f"--set {'.'.join(path)}: '{'.'.join(path[:depth])}' is not a mapping")
+        if part not in node and not (last and path[depth - 1 : depth] == ["args"]):
+            raise UserError(f"--set {'.'.join(path)}: unknown key '{where}'{suggest(part, node)}")
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+              dict: "a mapping"}
+
+
+def check_type(value: Any, default: Any, where: str) -> None:
+    """Values must have the kind of their default (an int is fine where a float is expected)."""
+    expected = type(default)
+    if default is None:
+        return
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise UserError(f"{where}: expected {KIND_NAMES.get(expected, expected.__name__)}, got {value!r}")
+
+
+def check_keys(given: dict, allowed, where: str) -> None:
+    for key in given:
+        if key not in allowed:
+            raise UserError(f"{where}: unknown key '{key}'{suggest(key, allowed)}; allowed: {', '.join(allowed)}")
+
+
+def with_defaults(raw: dict, source: str) -> dict:
+    """The file's config with every default filled in (the *resolved* config written to the run)."""
+    from base.base_trainer import BaseTrainer  # the trainer's defaults live next to it
+
+    config = copy.deepcopy(raw)
+    check_keys(config, TOP_LEVEL, source)
+    for key, default in TOP_LEVEL.items():
+        if key not in config:
+            if default is REQUIRED:
+                raise UserError(f"{source}: missing required key '{key}'")
+            config[key] = copy.deepcopy(default)
+    if not isinstance(config["trainer"], dict):
+        raise UserError(f"{source}: trainer: expected a mapping, got {config['trainer']!r}")
+    check_keys(config["trainer"], BaseTrainer.DEFAULTS, f"{source}: trainer")
+    config["trainer"] = {**copy.deepcopy(BaseTrainer.DEFAULTS), **config["trainer"]}
+    return config
+
+
+class ConfigParser:
+    """A checked config and the one place that turns its `{type, args}` entries into objects."""
+
+    def __init__(self, config: dict, source: str = "<config>"):
+        self.source = source
+        self.config = config
+        self._check()
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: list[str] = ()) -> "ConfigParser":
+        return cls.from_dict(load_file(path), str(path), overrides)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str, overrides: list[str] = ()) -> "ConfigParser":
+        config = with_defaults(raw, source)
+        for expr in overrides:
+            apply_override(config, *parse_override(expr))
+        return cls(config, source)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.config[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.config
+
+    # ---- checking -------------------------------------------------------------------------------
+    def _check(self) -> None:
+        from base.base_trainer import BaseTrainer
+
+        cfg, src = self.config, self.source
+        check_keys(cfg, TOP_LEVEL, src)
+        for key in ("name", "seed", "deterministic", "device", "metrics", "trainer"):
+            check_type(cfg[key], TOP_LEVEL[key], f"{src}: {key}")
+        if not cfg["name"] or "/" in cfg["name"]:
+            raise UserError(f"{src}: name: must be a non-empty name without '/', got {cfg['name']!r}")
+        check_keys(cfg["trainer"], BaseTrainer.DEFAULTS, f"{src}: trainer")
+        for key, value in cfg["trainer"].items():
+            check_type(value, BaseTrainer.DEFAULTS[key], f"{src}: trainer.{key}")
+        problem = BaseTrainer.check_options(cfg["trainer"], self.logged_metric_names())
+        if problem:
+            raise UserError(f"{src}: trainer.{problem}")
+        for role in ("arch", "data_loader", "optimizer"):
+            self._check_spec(role, cfg[role], role)
+        self._check_spec("loss", cfg["loss"], "loss")
+        for i, spec in enumerate(cfg["metrics"]):
+            self._check_spec("metrics", spec, f"metrics[{i}]")
+        if len(set(self.metric_names())) != len(cfg["metrics"]):
+            raise UserError(f"{src}: metrics: a metric is listed twice: {self.metric_names()}")
+        if cfg["lr_scheduler"] is not None:
+            self._check_spec("lr_scheduler", cfg["lr_scheduler"], "lr_scheduler")
+
+    def _check_spec(self, role: str, spec: Any, where: str) -> None:
+        """A `{type, args}` mapping (or, for loss and metrics, just a name) whose args fit the callee."""
+        where = f"{self.source}: {where}"
+        if isinstance(spec, str) and role in ("loss", "metrics"):
+            spec = {"type": spec}
+        if not isinstance(spec, dict):
+            raise UserError(f"{where}: expected a mapping with 'type' and 'args', got {spec!r}")
+        allowed = ["type", "args"] + (["interval"] if role == "lr_scheduler" else [])
+        check_keys(spec, allowed, where)
+        if not isinstance(spec.get("type"), str):
+            raise UserError(f"{where}.type: missing or not a string")
+        args = spec.get("args", {})
+        if not isinstance(args, dict):
+            raise UserError(f"{where}.args: expected a mapping, got {args!r}")
+        if role == "lr_scheduler" and spec.get("interval", "epoch") not in SCHEDULER_INTERVALS:
+            raise UserError(f"{where}.interval: expected one of {SCHEDULER_INTERVALS}, got {spec['interval']!r}")
+        target = resolve(role, spec["type"], f"{where}.type")
+        injected = INJECTED.get(role, set())
+        if role in ("loss", "metrics") and not inspect.isclass(target):
+            injected = set(list(signature_params(target))[:2])  # (output, target) come from the trainer
+        check_args(target, args, f"{where}.args", injected)
+
+    def metric_names(self) -> list[str]:
+        return [spec if isinstance(spec, str) else spec["type"].rpartition(".")[2] for spec in self.config["metrics"]]
+
+    def logged_metric_names(self) -> list[str]:
+        """Every name `monitor` may refer to: loss and metrics, in training and (if any) validation."""
+        names = ["loss", *self.metric_names()]
+        args = self.config["data_loader"].get("args", {}) if isinstance(self.config["data_loader"], dict) else {}
+        has_validation = bool(args.get("validation_split", 0))
+        return names + ([f"val_{n}" for n in names] if has_validation else [])
+
+    # ---- building -------------------------------------------------------------------------------
+    def build(self, role: str, *args: Any, **kwargs: Any) -> Any:
+        """`config[role]` as an object: its `type` called with its `args` and the given arguments."""
+        spec = self.config[role]
+        return self._call(role, spec, role, *args, **kwargs)
+
+    def build_loss(self) -> Callable:
+        return self._callable("loss", self.config["loss"], "loss")
+
+    def build_metrics(self) -> dict[str, Callable]:
+        return {
+            name: self._callable("metrics", spec, f"metrics[{i}]")
+            for i, (name, spec) in enumerate(zip(self.metric_names(), self.config["metrics"]))
+        }
+
+    def _callable(self, role: str, spec: str | dict, where: str) -> Callable:
+        """A loss or metric: a class is instantiated with its args, a function gets them bound."""
+        spec = {"type": spec} if isinstance(spec, str) else spec
+        target = resolve(role, spec["type"], where)
+        if inspect.isclass(target):
+            return self._call(role, spec, where)
+        return functools.partial(target, **spec.get("args", {})) if spec.get("args") else target
+
+    def _call(self, role: str, spec: dict, where: str, *args: Any, **kwargs: Any) -> Any:
+        target = resolve(role, spec["type"], f"{self.source}: {where}.type")
+        try:
+            return target(*args, **{**spec.get("args", {}), **kwargs})
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{self.source}: {where}: {spec['type']}: {e}") from None
+
+
+def signature_params(fn: Callable) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+SIMPLE_TYPES = {int: int, float: float, bool: bool, str: str, "int": int, "float": float, "bool": bool, "str": str}
+
+
+def check_args(fn: Callable, args: dict, where: str, injected: set[str]) -> None:
+    """Args must be accepted by `fn`'s signature, required ones present, simple annotations respected."""
+    params = signature_params(fn)
+    if not params:
+        return
+    named = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    accepted = [n for n in named if n not in injected]
+    for key, value in args.items():
+        if key not in named and not takes_any:
+            listing = ", ".join(accepted) or "none"
+            raise UserError(f"{where}: unknown argument '{key}'{suggest(key, accepted)}; accepted: {listing}")
+        expected = SIMPLE_TYPES.get(named[key].annotation) if key in named else None
+        if expected is not None:
+            check_type(value, expected(), f"{where}.{key}")
+    for name, param in named.items():
+        if param.default is param.empty and name not in args and name not in injected:
+            raise UserError(f"{where}: missing required argument '{name}'")
+
+
+def _candidates(module_name: str, role: str) -> dict[str, Callable]:
+    module = importlib.import_module(module_name)
+    found = {}
+    for name, obj in vars(module).items():
+        if name.startswith("_") or not callable(obj):
+            continue
+        own = getattr(obj, "__module__", "") == module_name
+        if module_name == "torch.nn":
+            keep = inspect.isclass(obj) and name.endswith("Loss")
+        elif module_name.startswith("torch."):
+            keep = inspect.isclass(obj) and "Optimizer" not in name and name[0].isupper()
+        else:
+            keep = own and not (role == "arch" and not inspect.isclass(obj))
+        if keep:
+            found[name] = obj
+    return found
+
+
+def resolve(role: str, type_name: str, where: str) -> Callable:
+    """The callable a config's `type` names, looked up in the role's modules or as a dotted path."""
+    if "." in type_name:
+        module_name, _, attr = type_name.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise UserError(f"{where}: cannot import '{module_name}' for '{type_name}': {e}") from None
+        if not callable(getattr(module, attr, None)):
+            raise UserError(f"{where}: '{module_name}' has no callable '{attr}'{suggest(attr, dir(module))}")
+        return getattr(module, attr)
+    available = {}
+    for module_name in ROLE_MODULES[role]:
+        available.update({k: v for k, v in _candidates(module_name, role).items() if k not in available})
+    if type_name in available:
+        return available[type_name]
+    listing = ", ".join(sorted(available))
+    raise UserError(f"{where}: unknown {role} type '{type_name}'{suggest(type_name, available)}; available: {listing}")
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable `key: old -> new` lines for every leaf that differs."""
+    lines = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, path = old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += diff_configs(a, b, f"{path}.")
+        elif a != b:
+            lines.append(f"{path}: {a!r} -> {b!r}")
+    return lines

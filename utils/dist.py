@@ -1,0 +1,70 @@
+"""torch.distributed in a few lines: a plain `python train.py` is rank 0 of a world of 1."""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: torch.device) -> None:
+    """Join the process group torchrun describes (env:// rendezvous): NCCL on CUDA, gloo on CPU."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision, applied on every rank (early stop, a signal): no rank is left waiting."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor(int(flag), device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def any_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank if any rank says so (a signal reaches the ranks at different steps)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor(int(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's `obj`, in rank order (the RNG states for a checkpoint)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
