@@ -1,0 +1,80 @@
+"""Shared test helpers: a tiny real MNIST folder, config files, and running train.py/test.py."""
+
+import copy
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_loader.datasets import read_idx  # noqa: E402
+
+BASE_CONFIG = {
+    "name": "tiny",
+    "seed": 1,
+    "arch": {"type": "MnistModel", "args": {}},
+    "data_loader": {"type": "MnistDataLoader",
+                    "args": {"data_dir": "", "batch_size": 32, "shuffle": True, "validation_split": 128}},
+    "optimizer": {"type": "Adam", "args": {"lr": 0.002}},
+    "loss": "nll_loss",
+    "metrics": ["accuracy"],
+    "trainer": {"epochs": 2, "save_dir": "", "log_step": 5, "monitor": "min val_loss", "verbosity": 2},
+}
+
+
+def write_idx(path: Path, array) -> None:
+    header = bytes([0, 0, 0x08, array.dim()]) + struct.pack(f">{array.dim()}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.numpy().tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory) -> Path:
+    """1,024 training and 256 test images of real MNIST (from the bundled subset), as a data_dir."""
+    src = ROOT / "data" / "mnist_small" / "MNIST" / "raw"
+    root = tmp_path_factory.mktemp("mnist")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, count in (("train", 1024), ("t10k", 256)):
+        for kind in ("images-idx3", "labels-idx1"):
+            name = f"{split}-{kind}-ubyte"
+            write_idx(raw / f"{name}.gz", read_idx(src / f"{name}.gz")[:count].contiguous())
+    return root
+
+
+def set_key(config: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        config = config.setdefault(part, {})
+    config[last] = value
+
+
+def make_config(tmp_path: Path, data_dir: Path, overrides: dict | None = None, name: str = "config.json") -> Path:
+    """A tiny config file in tmp_path (runs go to tmp_path/saved); `overrides` maps dotted keys to values."""
+    config = copy.deepcopy(BASE_CONFIG)
+    config["data_loader"]["args"]["data_dir"] = str(data_dir)
+    config["trainer"]["save_dir"] = str(tmp_path / "saved")
+    for key, value in (overrides or {}).items():
+        set_key(config, key, value)
+    path = tmp_path / name
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def run(script: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run train.py/test.py (or any script in the repo) as a real process; never raises on failure."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "CI": "true", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_dirs(save_dir: Path, name: str = "tiny") -> list[Path]:
+    """Run directories of config `name`, oldest first."""
+    return sorted(p for p in (Path(save_dir) / name).glob("*") if p.is_dir())
