@@ -10,6 +10,7 @@ import functools
 import importlib
 import inspect
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,29 @@ INJECTED = {
 }
 
 SCHEDULER_INTERVALS = ("epoch", "step")
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance counting a swap of neighbours as one edit (typos like 'Adma')."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
 
 
 def suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    """' (did you mean 'x'?)' for the closest option, or '' when nothing is close."""
+    options = [str(o) for o in options]
+    close = difflib.get_close_matches(word, options, n=5, cutoff=0.6)
+    close += [o for o in options if edit_distance(o.lower(), word.lower()) <= max(1, len(word) // 3)]
+    if not close:
+        return ""
+    best = min(close, key=lambda o: (edit_distance(o.lower(), word.lower()), close.index(o)))
+    return f" (did you mean '{best}'?)"
 
 
 def load_file(path: str | Path) -> dict:
@@ -98,6 +117,8 @@ def parse_override(expr: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {expr!r}: expected KEY=VALUE, e.g. trainer.epochs=3")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, str) and NUMBER.fullmatch(raw.strip()):
+            value = float(raw)  # YAML 1.1 reads 1e-3 as a string; on a command line it means a number
     except yaml.YAMLError as e:
         raise UserError(f"--set {expr!r}: cannot parse value: {getattr(e, 'problem', e)}") from None
     return key.split("."), value
