@@ -32,17 +32,17 @@ def main(argv=None) -> int:
     path = Path(args.resume)
     state = checkpoint.load(path)
     overrides = args.set + ([f"device={args.device}"] if args.device else [])
-    overrides += [f"data_loader.args.batch_size={args.bs}"] if args.bs else []
+    overrides += [f"data_loader.args.batch_size={args.bs}"] if args.bs is not None else []
     if args.config:
         config = ConfigParser.from_file(args.config, overrides)
     else:
         config = ConfigParser.from_dict(state["config"], f"{path} (its config)", overrides)
-    device = select_device(config["device"])
+    device = select_device(config["device"], "--device" if args.device else f"{config.source}: device")
 
     loader = config.build("data_loader", training=False, shuffle=False, validation_split=0.0,
                           seed=config["seed"]).to(device)
     model = config.build("arch")
-    model.load_state_dict(state["model"])
+    checkpoint.load_model_weights(model, state["model"], str(path))
     model = model.to(device).eval()
     criterion, metric_fns = config.build_loss(), config.build_metrics()
 

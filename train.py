@@ -76,6 +76,15 @@ def build_config(args, resumed: dict | None) -> tuple[ConfigParser, list[str]]:
     return config, changes
 
 
+def apply_optimizer_changes(optimizer: torch.optim.Optimizer, old: dict, new: dict) -> None:
+    """The restored optimizer state holds the checkpoint's hyper-parameters; a resume that changes one
+    (`--lr 1e-4`) means the new value. Schedulers then continue from it."""
+    for key, value in new.get("args", {}).items():
+        if old.get("args", {}).get(key) != value and key in optimizer.param_groups[0]:
+            for group in optimizer.param_groups:
+                group[key] = value
+
+
 def new_run_dir(config: ConfigParser) -> Path:
     """saved/<name>/<YYYYmmdd-HHMMSS>[-N]/, made by rank 0 and shared with the others."""
     run_dir = None
@@ -93,7 +102,8 @@ def new_run_dir(config: ConfigParser) -> Path:
                     n += 1
                     run_dir = base / f"{stamp}-{n}"
         except OSError as e:
-            raise UserError(f"cannot create run directory under {base}: {e.strerror}") from None
+            raise UserError(f"{config.source}: trainer.save_dir: cannot create a run directory in {base}: "
+                            f"{e.strerror}") from None
     if dist.is_distributed():
         shared = [run_dir]
         torch.distributed.broadcast_object_list(shared, src=0)
@@ -105,7 +115,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     resume_path, resumed = load_resume(args) if args.resume else (None, None)
     config, changes = build_config(args, resumed)
-    device = select_device(config["device"])
+    device = select_device(config["device"], "--device" if args.device else f"{config.source}: device")
     if dist.launched_by_torchrun():
         dist.init(device)
     seed_everything(config["seed"], config["deterministic"])
@@ -117,12 +127,7 @@ def main(argv=None) -> int:
     if config["trainer"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if args.finetune:
-        weights = checkpoint.load(args.finetune)["model"]
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as e:
-            raise UserError(f"--finetune {args.finetune}: weights do not fit {config['arch']['type']}: "
-                            f"{str(e).splitlines()[0]}") from None
+        checkpoint.load_model_weights(model, checkpoint.load(args.finetune)["model"], f"--finetune {args.finetune}")
     criterion, metric_fns = config.build_loss(), config.build_metrics()
     optimizer = config.build("optimizer", model.parameters())
     lr_scheduler = config.build("lr_scheduler", optimizer) if config["lr_scheduler"] else None
@@ -133,7 +138,11 @@ def main(argv=None) -> int:
     trainer = Trainer(model, criterion, metric_fns, optimizer, config, device, run_dir, data_loader,
                       valid_data_loader, lr_scheduler)
     if resumed:
-        trainer.load_state_dict(resumed)
+        try:
+            trainer.load_state_dict(resumed)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise UserError(f"{resume_path}: does not fit this run: {str(e).strip().splitlines()[0][:200]}") from None
+        apply_optimizer_changes(optimizer, resumed["config"]["optimizer"], config["optimizer"])
     if dist.is_main():
         checkpoint.remove_stale_temporaries(run_dir)
         (run_dir / "config.json").write_text(json.dumps(config.config, indent=2) + "\n")

@@ -5,6 +5,7 @@ as an uninterrupted one, and a mid-epoch resume skips the batches already traine
 them. Under torchrun each rank takes every world_size-th sample of that order.
 """
 
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -85,8 +86,7 @@ class BaseDataLoader:
         """A loader over the held-out samples: same dataset, no shuffle, no padding across ranks."""
         if self.valid_indices is None:
             return None
-        valid = object.__new__(type(self))
-        valid.__dict__.update(self.__dict__)
+        valid = copy.copy(self)
         valid.indices, valid.valid_indices, valid.shuffle, valid.drop_last = self.valid_indices, None, False, False
         valid._sampler, valid._loader = _IndexSampler(), None
         return valid

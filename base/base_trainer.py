@@ -122,8 +122,11 @@ class BaseTrainer:
         self.global_step = state["global_step"]
         self.monitor_best, self.not_improved_count = state["monitor_best"], state["not_improved_count"]
         self.tracker_state = state["train_tracker"]
-        rngs = state["rng"]
-        checkpoint.set_rng_state(rngs[dist.rank()] if len(rngs) == dist.world_size() else rngs[0])
+        rngs = state["rng"]  # one per rank
+        if len(rngs) == dist.world_size():
+            checkpoint.set_rng_state(rngs[dist.rank()])
+        elif dist.is_main():  # another number of processes: the other ranks keep their own seeds (streams differ)
+            checkpoint.set_rng_state(rngs[0])
 
     # ---- the epoch loop ---------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
@@ -134,8 +137,9 @@ class BaseTrainer:
 
     def train(self) -> dict[str, float]:
         """Train from the epoch after the last completed one; returns the last epoch's results."""
+        # Points up to global_step were logged before the checkpoint was saved: a resume hides only later ones.
         self.writer = TensorboardWriter(self.run_dir / "tensorboard", self.options["tensorboard"] and dist.is_main(),
-                                        purge_step=self.global_step)
+                                        purge_step=self.global_step + 1 if self.global_step else None)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         result = {}
         try:
@@ -153,6 +157,9 @@ class BaseTrainer:
                     log.info("Early stop: '%s' did not improve for %d epochs", self.monitor_key,
                              self.not_improved_count)
                     break
+                if epoch < self.epochs and dist.any_flag(self._signal is not None, self.device):
+                    # the signal came during validation or saving: latest.pth holds this epoch's end
+                    raise Interrupted(self._signal or signal.SIGTERM, self.run_dir / "latest.pth")
             self.writer.hparams(self.config.config, result)
         finally:
             for sig, handler in previous.items():
@@ -201,6 +208,9 @@ class BaseTrainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def _save_epoch(self, epoch: int, improved: bool) -> None:
+        if not self._weights_finite():  # a finite loss can still come with NaN/Inf gradients
+            raise TrainingError(f"model weights are NaN or Inf after epoch {epoch}: not saved, stopping; the last good "
+                                f"checkpoint in {self.run_dir} is kept (lower the learning rate or clip gradients)")
         period = self.options["save_period"]
         names = ["latest.pth"]
         if period and epoch % period == 0:
@@ -213,6 +223,11 @@ class BaseTrainer:
             periodic = sorted(self.run_dir.glob("checkpoint-epoch*.pth"), key=lambda p: int(p.stem[16:]))
             for old in periodic[: -self.options["keep_last"]]:
                 old.unlink()
+
+    def _weights_finite(self) -> bool:
+        """Every floating-point parameter and buffer is finite (one host sync, once an epoch)."""
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
     def _save(self, names: list[str]) -> Path:
         """Write the run state to each of `names` in the run directory (rank 0; the others wait)."""

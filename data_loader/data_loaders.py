@@ -34,7 +34,7 @@ class MnistDataLoader(BaseDataLoader):
             images, targets = (read_idx(f) for f in files)
             dataset = InMemoryImages(images.unsqueeze(1), targets, MNIST_MEAN, MNIST_STD)
         else:
-            dataset = self._torchvision_dataset(data_dir, raw, files, training)
+            dataset = self._torchvision_dataset(data_dir, raw, training)
         super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, pin_memory,
                          persistent_workers, prefetch_factor, drop_last, seed)
 
@@ -49,15 +49,65 @@ class MnistDataLoader(BaseDataLoader):
             raise UserError(f"could not download MNIST ({type(e).__name__}); put the files in {raw}/") from None
 
     @staticmethod
-    def _torchvision_dataset(data_dir: str, raw: Path, files: list[Path], training: bool):
+    def _torchvision_dataset(data_dir: str, raw: Path, training: bool):
         import gzip
         import shutil
 
         from torchvision import datasets, transforms
 
-        for file in files:  # torchvision reads only the extracted files
-            if file.suffix == ".gz" and not file.with_suffix("").exists():
+        for name in (*MNIST_FILES[True], *MNIST_FILES[False]):  # torchvision wants all four files, extracted
+            file = find_file(raw, name)
+            if file is not None and file.suffix == ".gz" and not file.with_suffix("").exists():
                 with gzip.open(file, "rb") as src, open(file.with_suffix(""), "wb") as dst:
                     shutil.copyfileobj(src, dst)
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
-        return datasets.MNIST(data_dir, train=training, transform=transform)
+        try:
+            return datasets.MNIST(data_dir, train=training, transform=transform)
+        except RuntimeError:
+            names = ", ".join(f"{n}.gz" for n in (*MNIST_FILES[True], *MNIST_FILES[False]))
+            raise UserError(f"in_memory: false reads MNIST with torchvision, which needs all of {names} "
+                            f"in {raw}/") from None
+
+
+def read_rgb_image(path: str):
+    """torchvision's default image loader, but a file PIL cannot read is a UserError naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read image: {e}") from None
+
+
+class ImageFolderDataLoader(BaseDataLoader):
+    """Images sorted into one folder per class, read with torchvision.datasets.ImageFolder:
+
+        <data_dir>/train/<class>/<image>   (training and validation)
+        <data_dir>/test/<class>/<image>    (test.py: training false)
+
+    Classes are the folder names in sorted order (label 0, 1, ...). Every image is resized to
+    image_size x image_size, converted to RGB and normalised with mean/std (per channel; the
+    defaults are ImageNet's). Add augmentation to `transform` for training.
+    """
+
+    def __init__(self, data_dir: str, batch_size: int = 32, shuffle: bool = True, validation_split: float = 0.0,
+                 num_workers: int = 2, training: bool = True, image_size: int = 224,
+                 mean: list | None = None, std: list | None = None, pin_memory: bool = True,
+                 persistent_workers: bool = False, prefetch_factor: int = 2, drop_last: bool = False, seed: int = 0):
+        from torchvision import datasets, transforms
+
+        root = Path(data_dir) / ("train" if training else "test")
+        if not root.is_dir():
+            raise UserError(f"image folder not found: {root} (expected {root}/<class>/<image>)")
+        transform = transforms.Compose([
+            transforms.Resize((image_size, image_size)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean or [0.485, 0.456, 0.406], std or [0.229, 0.224, 0.225]),
+        ])
+        try:
+            dataset = datasets.ImageFolder(str(root), transform=transform, loader=read_rgb_image)
+        except (FileNotFoundError, OSError) as e:  # no class folders, or no images in them
+            raise UserError(f"{root}: {e}") from None
+        super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, pin_memory,
+                         persistent_workers, prefetch_factor, drop_last, seed)

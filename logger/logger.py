@@ -11,7 +11,8 @@ def setup_logging(log_file: Path | None, verbosity: int = 2, rank: int = 0) -> N
     for handler in root.handlers[:]:
         root.removeHandler(handler)
     level = LEVELS.get(verbosity, logging.DEBUG) if rank == 0 else logging.WARNING
-    root.setLevel(level)
+    root.setLevel(max(level, logging.INFO))  # other libraries' debug chatter stays out
+    logging.getLogger("train").setLevel(level)
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
     root.addHandler(console)

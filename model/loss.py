@@ -15,3 +15,12 @@ def nll_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """For models that return raw logits."""
     return F.cross_entropy(output, target)
+
+
+def focal_loss(output: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Cross-entropy scaled by (1 - p_true)^gamma, so confident right answers count less; gamma=0 is
+    plain cross-entropy. Takes logits or log-probabilities (log_softmax of either is the same).
+    A custom loss with an argument: `"loss": {"type": "focal_loss", "args": {"gamma": 2.0}}`.
+    Lin et al. 2017, https://arxiv.org/abs/1708.02002"""
+    log_p = F.log_softmax(output, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+    return -((1 - log_p.exp()) ** gamma * log_p).mean()

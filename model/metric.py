@@ -14,3 +14,9 @@ def accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def top_k_acc(output: torch.Tensor, target: torch.Tensor, k: int = 3) -> torch.Tensor:
     top_k = output.topk(k, dim=1).indices
     return (top_k == target.unsqueeze(1)).any(dim=1).float().mean()
+
+
+def true_class_prob(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean probability the model gives the right class (how sure it is, not only whether it is right).
+    Takes logits or log-probabilities: softmax of either is the same."""
+    return output.softmax(dim=1).gather(1, target.unsqueeze(1)).mean()

@@ -70,7 +70,8 @@ def make_config(tmp_path: Path, data_dir: Path, overrides: dict | None = None, n
 
 def run(script: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run train.py/test.py (or any script in the repo) as a real process; never raises on failure."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "CI": "true", **(env or {})}
+    # one thread per process: tests start several processes at once on few cores
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "CI": "true", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

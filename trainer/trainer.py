@@ -55,10 +55,15 @@ class MetricTracker:
         return None if index < 0 else index
 
     def state_dict(self) -> dict:
-        return {"sums": self.sums, "count": self.count, "batches": self.batches}
+        """The sums of every rank added up (under DDP every rank must call this, as for a checkpoint)."""
+        sums = dist.all_reduce_sum(self.sums.clone())
+        count = int(dist.all_reduce_sum(torch.tensor(self.count, device=self.device)))
+        return {"sums": sums, "count": count, "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sums, self.count = state["sums"].to(self.device), state["count"]
+        """Rank 0 takes the saved totals and the other ranks keep zeros, so `result()` counts them once."""
+        if dist.is_main():
+            self.sums, self.count = state["sums"].to(self.device), state["count"]
         self.batches = state["batches"].to(self.device)
 
 
@@ -113,6 +118,7 @@ class Trainer(BaseTrainer):
         loader, tracker = self.data_loader, self.train_metrics
         skip = self.batch_in_epoch  # > 0 only when resuming in the middle of this epoch
         tracker.reset()
+        self.skipped_steps = 0  # on_nonfinite: skip
         if skip and self.tracker_state is not None:
             tracker.load_state_dict(self.tracker_state)
         self.tracker_state = None
@@ -124,12 +130,14 @@ class Trainer(BaseTrainer):
         for batch_idx, (data, target) in enumerate(loader, start=skip):
             data = data.to(self.device, non_blocking=True, memory_format=self.memory_format)
             target = target.to(self.device, non_blocking=True)
-            with autocast(self.device, self.options["amp"]):
-                loss, output = self.train_step(data, target)
-            self.scaler.scale(loss / self.accum_steps).backward()
-            tracker.update(loss.detach(), output.detach(), target)
             last = batch_idx + 1 == n_batches
-            if (batch_idx + 1) % self.accum_steps and not last:
+            stepping = (batch_idx + 1) % self.accum_steps == 0 or last
+            with self._grad_sync(stepping):
+                with autocast(self.device, self.options["amp"]):
+                    loss, output = self.train_step(data, target)
+                self.scaler.scale(loss / self.accum_steps).backward()
+            tracker.update(loss.detach(), output.detach(), target)
+            if not stepping:
                 continue  # accumulate gradients over accum_steps micro-batches
             self._optimizer_step(loss, histograms=last and self._due(epoch, "tb_histograms"))
             self.batch_in_epoch = batch_idx + 1
@@ -143,12 +151,24 @@ class Trainer(BaseTrainer):
             if self.options["save_step"] and self.global_step % self.options["save_step"] == 0:
                 self._save(["latest.pth"])
         bar.close()
-        return tracker.result()
+        result = tracker.result()
+        if self.skipped_steps:
+            result["skipped_steps"] = self.skipped_steps
+        return result
+
+    def _grad_sync(self, stepping: bool):
+        """Under DDP, all-reduce gradients only in the micro-batch that steps (no_sync while accumulating)."""
+        if stepping or not isinstance(self.forward_model, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.forward_model.no_sync()
 
     def _optimizer_step(self, loss: torch.Tensor, histograms: bool) -> None:
-        if self.options["on_nonfinite"] == "skip" and not torch.isfinite(loss):  # a host sync, by request
+        # a host sync, by request; under DDP all ranks skip together (their gradients were averaged)
+        if self.options["on_nonfinite"] == "skip" and dist.any_flag(not torch.isfinite(loss), self.device):
             self.optimizer.zero_grad(set_to_none=True)
-            log.warning("Skipped step %d: loss is %s", self.global_step + 1, loss.item())
+            self.skipped_steps += 1
+            log.warning("Skipped a step in epoch %d: loss is %s (%d skipped this epoch)", self.epoch + 1, loss.item(),
+                        self.skipped_steps)
             return
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -171,10 +191,13 @@ class Trainer(BaseTrainer):
 
     def _check_finite(self, epoch: int, tracker: MetricTracker) -> None:
         """Stop on a NaN/Inf loss (checked at log intervals: no per-step sync). Nothing is saved, so
-        model_best.pth and the last good checkpoint stay as they were."""
+        model_best.pth and the last good checkpoint stay as they were. Under DDP every rank stops."""
+        if self.options["on_nonfinite"] != "stop":
+            return
         bad = tracker.nonfinite_batch()
-        if bad is not None and self.options["on_nonfinite"] == "stop":
-            raise TrainingError(f"loss is NaN or Inf at epoch {epoch}, batch {bad + 1}: stopping; the last good "
+        if dist.any_flag(bad is not None, self.device):
+            where = f"batch {bad + 1}" if bad is not None else "on another rank"
+            raise TrainingError(f"loss is NaN or Inf at epoch {epoch}, {where}: stopping; the last good "
                                 f"checkpoint in {self.run_dir} is kept (lower the learning rate or clip gradients)")
 
     def _log_progress(self, bar, tracker: MetricTracker, since: tuple, samples_done: int) -> None:

@@ -5,8 +5,10 @@ A checkpoint is one plain dict (state dicts, numbers, strings, the config as a d
 """
 
 import io
+import logging
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -66,12 +68,11 @@ def load(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: not a checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. a plain pickle's protocol warning: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever the damage, the answer is the same
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = "it holds objects other than tensors and plain data, refused for safety"
-        raise UserError(f"{path}: not a loadable checkpoint: {reason[:200]}") from None
+        raise UserError(f"{path}: not a loadable checkpoint: {load_failure(e)}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path}: not a checkpoint of this project (no 'model' and 'config' entries)")
     if state.get("version", 0) > VERSION:
@@ -79,10 +80,35 @@ def load(path: str | Path) -> dict:
     return state
 
 
+def load_failure(error: Exception) -> str:
+    """Why torch.load refused a file, in a few words (its own messages run to paragraphs)."""
+    text = str(error)
+    unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)  # its two wordings
+    if unsafe:
+        return f"it holds a Python object ({unsafe[1]}), refused for safety"
+    if "Weights only load failed" in text:
+        return "not a PyTorch checkpoint file"
+    if isinstance(error, (EOFError, OSError)) or "PytorchStreamReader" in text or not text.strip():
+        return "the file is empty, damaged or cut short"
+    return text.strip().splitlines()[0].split(". ")[0][:200]  # e.g. a truncated zip: its first sentence
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict, where: str) -> None:
+    """`model.load_state_dict(weights)`; weights of another shape or architecture are one UserError."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+        first = re.sub(r": copying a param with shape torch.Size\((.*?)\) from checkpoint, the shape in current "
+                       r"model is torch.Size\((.*?)\)\.", r" (checkpoint \1, model \2)", details[0])
+        raise UserError(f"{where}: weights do not fit {type(model).__name__}: {first[:200]}") from None
+
+
 def candidates(run_dir: Path) -> list[Path]:
     """Resumable checkpoints of a run, newest first (model_best is a copy of an older state)."""
     files = [p for p in Path(run_dir).glob("*.pth") if p.name != "model_best.pth"]
-    return sorted(files, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    # file times are coarse: on a tie, latest.pth (written by mid-epoch saves too) is the newer state
+    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "latest.pth"), reverse=True)
 
 
 def load_newest(run_dir: Path) -> tuple[Path, dict]:
@@ -94,7 +120,7 @@ def load_newest(run_dir: Path) -> tuple[Path, dict]:
         try:
             return path, load(path)
         except UserError as e:
-            warnings.warn(f"skipping {e}", stacklevel=2)
+            logging.getLogger("train").warning("skipping %s", e)
     raise UserError(f"{run_dir}: none of its {len(files)} checkpoints loads")
 
 

@@ -1,6 +1,7 @@
 """What train.py and test.py share: argument parsing, device choice, seeding, one-line errors."""
 
 import argparse
+import logging
 import os
 import random
 import sys
@@ -17,7 +18,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad command line is one line and exit code 2 (no usage dump)."""
 
     def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def run_main(main: Callable[[], int | None]) -> None:
@@ -26,6 +27,7 @@ def run_main(main: Callable[[], int | None]) -> None:
         code = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        log_to_file(f"error: {e}")
         code = e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -34,32 +36,43 @@ def run_main(main: Callable[[], int | None]) -> None:
         if not hasattr(e, "exit_code"):
             raise
         print(str(e), file=sys.stderr)
+        log_to_file(str(e))
         code = e.exit_code
     if dist.is_distributed():
         torch.distributed.destroy_process_group()
     sys.exit(code or 0)
 
 
-def select_device(name: str) -> torch.device:
-    """'auto' is the best available; a named device that is not there is an error, never a fallback."""
+def log_to_file(message: str) -> None:
+    """Put the closing error in the run's train.log too (the console already has it, on stderr)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.makeLogRecord({"msg": message, "levelno": logging.ERROR, "levelname": "ERROR",
+                                                "name": "train"}))
+
+
+def select_device(name: str, where: str = "device") -> torch.device:
+    """'auto' is the best available; a named device that is not there is an error, never a fallback.
+    `where` names the setting in errors: the config's key or the command-line option."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    use = "use auto, cpu, cuda, cuda:N or mps"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"device '{name}': unknown device (use auto, cpu, cuda, cuda:N or mps)") from None
+        raise UserError(f"{where}: unknown device '{name}' ({use})") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"device '{name}': CUDA is not available on this machine (use -d cpu)")
+            raise UserError(f"{where}: '{name}', but CUDA is not available on this machine (use cpu)")
         if dist.launched_by_torchrun():  # one GPU per process
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         if (device.index or 0) >= torch.cuda.device_count():
-            raise UserError(f"device '{name}': only {torch.cuda.device_count()} CUDA device(s) here")
+            raise UserError(f"{where}: '{name}', but only {torch.cuda.device_count()} CUDA device(s) here")
         torch.cuda.set_device(device)
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device '{name}': MPS is not available on this machine (use -d cpu)")
+        raise UserError(f"{where}: '{name}', but MPS is not available on this machine (use cpu)")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"device '{name}': unsupported device type (use auto, cpu, cuda, cuda:N or mps)")
+        raise UserError(f"{where}: unsupported device type '{device.type}' ({use})")
     return device
 
 
@@ -74,4 +87,5 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+    if deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports torch._inductor: ~2 s
+        torch.use_deterministic_algorithms(deterministic)

@@ -230,6 +230,10 @@ class ConfigParser:
             raise UserError(f"{src}: metrics: a metric is listed twice: {self.metric_names()}")
         if cfg["lr_scheduler"] is not None:
             self._check_spec("lr_scheduler", cfg["lr_scheduler"], "lr_scheduler")
+            plateau = cfg["lr_scheduler"]["type"].rpartition(".")[2] == "ReduceLROnPlateau"
+            if plateau and (cfg["trainer"]["monitor"] == "off" or cfg["lr_scheduler"].get("interval") == "step"):
+                raise UserError(f"{src}: lr_scheduler: ReduceLROnPlateau steps once per epoch on the monitored "
+                                "metric: set trainer.monitor and leave interval at 'epoch'")
 
     def _check_spec(self, role: str, spec: Any, where: str) -> None:
         """A `{type, args}` mapping (or, for loss and metrics, just a name) whose args fit the callee."""

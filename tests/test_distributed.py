@@ -1,0 +1,178 @@
+"""DistributedDataParallel under torchrun on CPU (gloo): real processes on tiny real MNIST.
+
+Every run uses one layout. 1,024 images less 127 for validation leave 897 for training; drop_last
+makes that 28 global batches of 32 whether one process takes 32 or two take 16 each (no padding).
+The 127 validation samples split 64/63 over two ranks, so a sample dropped or counted twice would
+show in the validation metrics. With 'max val_loss' and early_stop 1 every run stops after epoch 2
+of 4 (val_loss falls after epoch 1), so early stopping is decided on rank 0 in every DDP run.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, make_config, run, run_dirs
+
+TIMEOUT = 240  # seconds per launch: a hung rank fails the test instead of blocking it
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CI": "true"}
+LAYOUT = {"arch.type": "tests.models.Deterministic", "data_loader.args.validation_split": 127,
+          "data_loader.args.drop_last": True, "trainer.epochs": 4, "trainer.monitor": "max val_loss",
+          "trainer.early_stop": 1}
+
+
+def launch(*torchrun_args: str, env: dict | None = None) -> subprocess.Popen:
+    """`python -m torch.distributed.run <args>` in its own process group (so a timeout kills the workers too)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *map(str, torchrun_args)]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    """(exit code, output) of a launch; fails the test if it does not end within TIMEOUT."""
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {TIMEOUT} s (a rank hangs?):\n{out[-3000:]}")
+    return proc.returncode, out
+
+
+def torchrun(*train_args: str, env: dict | None = None) -> tuple[int, str]:
+    """train.py with two processes on this machine (--standalone picks a free port)."""
+    return finish(launch("--standalone", "--nproc_per_node=2", "train.py", "-d", "cpu", *train_args, env=env))
+
+
+def single(*train_args: str) -> str:
+    """train.py in one process; its output."""
+    result = run("train.py", "-d", "cpu", *train_args, timeout=TIMEOUT, env=ENV)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def progress(path: Path) -> tuple[int, int, int]:
+    """(completed epochs, batches into the next, optimizer steps) of a checkpoint."""
+    state = torch.load(path, weights_only=True)
+    return state["epoch"], state["batch_in_epoch"], state["global_step"]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    assert not any(key.startswith("module.") for key in wa), "a DDP wrapper prefix leaked into the checkpoint"
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], rtol=0, atol=1e-5), f"{key} differs: {a} vs {b}"
+
+
+def epoch_results(run_dir: Path) -> dict[int, dict[str, float]]:
+    """{epoch: {metric: value}} from the 'epoch N/M  key value ...' lines of train.log (the last one wins)."""
+    results = {}
+    for match in re.finditer(r"epoch (\d+)/\d+  (.*?)  \(", (run_dir / "train.log").read_text()):
+        pairs = match[2].split()
+        results[int(match[1])] = {k: float(v) for k, v in zip(pairs[::2], pairs[1::2])}
+    return results
+
+
+def assert_same_results(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a, (a, b)
+    for epoch in a:
+        assert a[epoch] == pytest.approx(b[epoch], rel=1e-4), f"epoch {epoch}: {a[epoch]} vs {b[epoch]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_mnist) -> dict[str, Path]:
+    """Uninterrupted runs in one process with batch 32 and in two with batch 16: their run directories."""
+    runs = {}
+    for name, batch_size in (("single", 32), ("ddp", 16)):
+        folder = tmp_path_factory.mktemp(name)
+        config = make_config(folder, tiny_mnist, {**LAYOUT, "data_loader.args.batch_size": batch_size})
+        if name == "single":
+            out = single("-c", config)
+        else:
+            code, out = torchrun("-c", config)
+            assert code == 0, out[-3000:]
+            assert "Training on cpu (2 processes)" in out
+        assert "Early stop" in out
+        (runs[name],) = run_dirs(folder / "saved")
+        assert progress(runs[name] / "latest.pth") == (2, 0, 56)
+    return runs
+
+
+def test_two_processes_match_one_with_twice_the_batch(reference):
+    assert_same_weights(reference["ddp"] / "latest.pth", reference["single"] / "latest.pth")
+    # validation (and training) metrics are reduced over ranks: the same as one process's
+    assert_same_results(epoch_results(reference["ddp"]), epoch_results(reference["single"]))
+    best = [torch.load(reference[n] / "model_best.pth", weights_only=True)["monitor_best"] for n in reference]
+    assert best[0] == pytest.approx(best[1], rel=1e-5)
+
+
+def test_only_rank_zero_writes(reference):
+    run_dir = reference["ddp"]
+    assert {p.name for p in run_dir.iterdir()} == {"config.json", "train.log", "tensorboard", "latest.pth",
+                                                   "model_best.pth", "checkpoint-epoch1.pth", "checkpoint-epoch2.pth"}
+    # one writer process: TensorBoard names its files events.out.tfevents.<time>.<host>.<pid>.<n>
+    pids = {p.name.split(".")[-2] for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}
+    assert len(pids) == 1
+    log = (run_dir / "train.log").read_text()
+    assert log.count("epoch 1/4 ") == 1 and "[rank 1]" not in log
+    # ... yet the checkpoint holds every rank's RNG state, each rank seeded differently
+    rngs = torch.load(run_dir / "latest.pth", weights_only=True)["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+
+
+def test_sigterm_then_resume_in_two_processes_then_in_one(tmp_path, tiny_mnist, reference):
+    config = make_config(tmp_path, tiny_mnist, {**LAYOUT, "data_loader.args.batch_size": 16})
+    # rank 1 alone is signalled in step 12; the ranks agree at the next log interval (log_step 5)
+    code, out = torchrun("-c", config, env={"TEST_SIGTERM": "1:12"})
+    assert code != 0 and "stopped by SIGTERM" in out, out[-3000:]
+    (run_dir,) = run_dirs(tmp_path / "saved")
+    assert progress(run_dir / "latest.pth") == (0, 15, 15)
+
+    # resume in two processes; now rank 0 is signalled, in step 15 + 22 (epoch 2, 28 steps an epoch)
+    code, out = torchrun("-r", run_dir, env={"TEST_SIGTERM": "0:22"})
+    assert code != 0 and "stopped by SIGTERM" in out, out[-3000:]
+    assert progress(run_dir / "latest.pth") == (1, 12, 40)
+
+    # finish in one process with the same global batch: as if never interrupted
+    single("-r", run_dir, "--bs", "32")
+    assert_same_weights(run_dir / "latest.pth", reference["ddp"] / "latest.pth")
+    assert_same_results(epoch_results(run_dir), epoch_results(reference["ddp"]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_resume_a_single_process_checkpoint(tmp_path, reference):
+    # each node takes batches of 8 and accumulates 2 (gradients all-reduced only on the step): 32 a step again
+    checkpoint = tmp_path / "run" / "checkpoint-epoch1.pth"
+    checkpoint.parent.mkdir()
+    shutil.copy(reference["single"] / "checkpoint-epoch1.pth", checkpoint)
+    port = free_port()
+    nodes = [launch("--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
+                    f"--master_port={port}", "train.py", "-d", "cpu", "-r", checkpoint, "--bs", "8",
+                    "--set", "trainer.accum_steps=2")
+             for rank in (0, 1)]
+    try:
+        (code0, out0), (code1, out1) = finish(nodes[0]), finish(nodes[1])
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert code0 == 0 and code1 == 0, out0[-3000:] + out1[-3000:]
+    assert "Training on cpu (2 processes)" in out0 and "Early stop" in out0
+    assert_same_weights(checkpoint.parent / "latest.pth", reference["single"] / "latest.pth")
