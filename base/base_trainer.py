@@ -21,7 +21,8 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM arrived: the step finished, a checkpoint was saved, the run stops."""
 
     def __init__(self, signum: int, path: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; resume with: python train.py -r {path}")
+        launcher = f"torchrun --nproc_per_node={dist.world_size()}" if dist.is_distributed() else "python"
+        super().__init__(f"stopped by {signal.Signals(signum).name}; resume with: {launcher} train.py -r {path}")
         self.exit_code = 128 + signum
 
 

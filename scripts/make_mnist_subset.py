@@ -10,20 +10,15 @@ data loader and torchvision.datasets.MNIST look for files.
 import argparse
 import gzip
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data_loader.datasets import read_idx  # noqa: E402
+
 SPLITS = {"train": 10_000, "t10k": 2_000}  # images kept per split; ~2 MB gzipped in all
-
-
-def read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -48,8 +43,8 @@ def main() -> None:
     raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for split, count in SPLITS.items():
-        images = read_idx(find(args.src, f"{split}-images-idx3-ubyte"))
-        labels = read_idx(find(args.src, f"{split}-labels-idx1-ubyte"))
+        images = read_idx(find(args.src, f"{split}-images-idx3-ubyte")).numpy()
+        labels = read_idx(find(args.src, f"{split}-labels-idx1-ubyte")).numpy()
         per_class = count // 10
         keep = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in range(10)])
         keep = rng.permutation(keep)

@@ -147,9 +147,10 @@ COMMANDS = {
     "resume a plain pickle": ("train.py", ["-r", "{work}/plain.pkl"],
                               ["{work}/plain.pkl: not a loadable checkpoint: not a PyTorch checkpoint file"]),
     "resume an empty file": ("train.py", ["-r", "{work}/empty.pth"],
-                             ["{work}/empty.pth: not a loadable checkpoint: the file is empty or cut short"]),
+                             ["{work}/empty.pth: not a loadable checkpoint: the file is empty, damaged or cut short"]),
     "resume a truncated file": ("train.py", ["-r", "{work}/truncated.pth"],
-                                ["{work}/truncated.pth: not a loadable checkpoint: PytorchStreamReader failed"]),
+                                ["{work}/truncated.pth: not a loadable checkpoint: the file is empty, damaged or cut "
+                                 "short"]),
     "resume pickled objects": ("train.py", ["-r", "{work}/pickled.pth"],
                                ["{work}/pickled.pth", "a Python object (argparse.Namespace), refused for safety"]),
     "resume other tensors": ("train.py", ["-r", "{work}/tensors.pth"],

@@ -107,7 +107,7 @@ def test_image_folder_problems_name_the_folder_or_file(tmp_path):
     with pytest.raises(UserError, match=f"image folder not found: {tmp_path / 'train'} "):
         config.build("data_loader")
     (tmp_path / "train" / "cats").mkdir(parents=True)
-    with pytest.raises(UserError, match=f"^{tmp_path / 'train'}: .*no valid file"):
+    with pytest.raises(UserError, match=f"data_loader: {tmp_path / 'train'}: .*no valid file"):
         config.build("data_loader")
     touch(tmp_path / "train" / "cats" / "broken.png", "not an image")
     with pytest.raises(UserError, match=f"^{tmp_path / 'train' / 'cats' / 'broken.png'}: cannot read image"):

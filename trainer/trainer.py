@@ -136,10 +136,12 @@ class Trainer(BaseTrainer):
                 with autocast(self.device, self.options["amp"]):
                     loss, output = self.train_step(data, target)
                 self.scaler.scale(loss / self.accum_steps).backward()
+            if self.options["on_nonfinite"] == "skip" and self._skip_nonfinite(loss, epoch):
+                continue
             tracker.update(loss.detach(), output.detach(), target)
             if not stepping:
                 continue  # accumulate gradients over accum_steps micro-batches
-            self._optimizer_step(loss, histograms=last and self._due(epoch, "tb_histograms"))
+            self._optimizer_step(histograms=last and self._due(epoch, "tb_histograms"))
             self.batch_in_epoch = batch_idx + 1
             if self.global_step % self.log_step == 0 or last:
                 self._check_finite(epoch, tracker)
@@ -162,14 +164,17 @@ class Trainer(BaseTrainer):
             return contextlib.nullcontext()
         return self.forward_model.no_sync()
 
-    def _optimizer_step(self, loss: torch.Tensor, histograms: bool) -> None:
-        # a host sync, by request; under DDP all ranks skip together (their gradients were averaged)
-        if self.options["on_nonfinite"] == "skip" and dist.any_flag(not torch.isfinite(loss), self.device):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            log.warning("Skipped a step in epoch %d: loss is %s (%d skipped this epoch)", self.epoch + 1, loss.item(),
-                        self.skipped_steps)
-            return
+    def _skip_nonfinite(self, loss: torch.Tensor, epoch: int) -> bool:
+        """on_nonfinite: skip. A NaN/Inf loss on any rank drops the gradients accumulated for this step
+        and stays out of the metrics. A host sync per batch, by request; all ranks skip together."""
+        if not dist.any_flag(not torch.isfinite(loss).item(), self.device):
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        log.warning("Skipped a step in epoch %d: loss is NaN or Inf (%d skipped this epoch)", epoch, self.skipped_steps)
+        return True
+
+    def _optimizer_step(self, histograms: bool) -> None:
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -209,7 +214,7 @@ class Trainer(BaseTrainer):
 
     def _due(self, epoch: int, option: str) -> bool:
         period = self.options[option]
-        return bool(period) and self.writer.writer is not None and epoch % period == 0
+        return bool(period) and self.writer.enabled and epoch % period == 0
 
     def _log_images(self, epoch: int, loader) -> None:
         if self._due(epoch, "tb_images"):

@@ -296,6 +296,8 @@ class ConfigParser:
             return target(*args, **{**spec.get("args", {}), **kwargs})
         except (TypeError, ValueError) as e:
             raise UserError(f"{self.source}: {where}: {spec['type']}: {e}") from None
+        except UserError as e:  # e.g. a data loader's missing files: say which config entry asked for them
+            raise UserError(f"{self.source}: {where}: {e}") from None
 
 
 def signature_params(fn: Callable) -> dict[str, inspect.Parameter]:

@@ -1,0 +1,265 @@
+"""How much the framework costs on top of a hand-written PyTorch loop: MNIST, MnistModel (LeNet), batch 128.
+
+    python benchmarks/bench_mnist.py                      # CPU, 2 epochs, 3 interleaved repetitions
+    python benchmarks/bench_mnist.py --device cuda --repeats 5
+
+One run of this script, on one device, trains the same model on the same data with the same batch size,
+optimizer (Adam, lr 0.002) and number of steps two ways, each in a fresh process:
+
+  (a) hand  : a minimal loop: images decoded once into a uint8 tensor on the device, batches taken by
+              index from a seeded permutation, normalised per batch; validation (loss, accuracy) each epoch.
+  (b) train : `python train.py -c configs/mnist.json` as shipped (validation split 0.1, metrics, StepLR,
+              logging, TensorBoard, checkpoints every epoch, progress bar when stderr is a terminal) with the
+              data, batch size, epochs and save folder set by --set overrides.
+
+The timed span is whole epochs, validation included: (a) its epoch loop, (b) `Trainer.train()`. Both
+processes import what they use before the clock starts; the cost of imports and data loading is what
+the start-up figure measures: from launching `python train.py` to the end of its first optimizer step,
+next to `python -c "import torch"`. (a) and (b) alternate, so slow phases of a shared machine hit both.
+
+Data: the four MNIST files (.gz or not) in --data (default ../shared/datasets/mnist next to the repo),
+decompressed once into a temporary <dir>/MNIST/raw/ as torchvision leaves them; the bundled
+data/mnist_small (10k images) when that folder has no MNIST files.
+"""
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+BATCH_SIZE, LR, VALIDATION_FRACTION = 128, 0.002, 0.1  # as configs/mnist.json, with the batch size of the issue
+MEAN, STD = 0.1307, 0.3081
+
+
+class FirstStepAdam(torch.optim.Adam):
+    """Adam that prints the wall-clock time after its first step and ends the process: the start-up
+    measurement names it as the optimizer (`optimizer.type=benchmarks.bench_mnist.FirstStepAdam`)."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        print(f"FIRST_STEP {time.time()}", flush=True)
+        os._exit(0)
+
+
+# ---- data --------------------------------------------------------------------------------------------
+def find_mnist(folder: Path) -> Path | None:
+    """The folder holding the four MNIST files (.gz or not): `folder` itself or its MNIST/raw/."""
+    for candidate in (folder, folder / "MNIST" / "raw"):
+        if all((candidate / n).is_file() or (candidate / f"{n}.gz").is_file() for n in FILES):
+            return candidate
+    return None
+
+
+def prepare_data(source: Path, data_dir: Path) -> None:
+    """Decompressed copies of the MNIST files in `data_dir`/MNIST/raw/ (the layout the loader reads)."""
+    raw = data_dir / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, raw / name)
+        else:
+            with gzip.open(source / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+# ---- the two workers (each runs in its own process) ------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_hand(data_dir: Path, epochs: int, device: torch.device, optimizer_class=torch.optim.Adam) -> float:
+    """(a) The loop a user would write by hand; returns the seconds of `epochs` epochs with validation."""
+    import torch.nn.functional as F
+
+    from data_loader.datasets import read_idx
+    from model.model import MnistModel
+
+    raw = data_dir / "MNIST" / "raw"
+    images = read_idx(raw / FILES[0]).unsqueeze(1).to(device)
+    labels = read_idx(raw / FILES[1]).long().to(device)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1)).to(device)
+    n_valid = int(len(images) * VALIDATION_FRACTION)
+    valid_idx, train_idx = order[:n_valid], order[n_valid:]
+    model = MnistModel().to(device)
+    optimizer = optimizer_class(model.parameters(), lr=LR)
+
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (images[idx].float() / 255 - MEAN) / STD, labels[idx]
+
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        perm = train_idx[torch.randperm(len(train_idx), device=device)]
+        for i in range(0, len(perm), BATCH_SIZE):
+            data, target = batch(perm[i : i + BATCH_SIZE])
+            loss = F.nll_loss(model(data), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        with torch.no_grad():
+            for i in range(0, n_valid, BATCH_SIZE):
+                data, target = batch(valid_idx[i : i + BATCH_SIZE])
+                output = model(data)
+                total_loss += F.nll_loss(output, target, reduction="sum")
+                correct += (output.argmax(1) == target).sum()
+        print(f"val_loss {total_loss.item() / n_valid:.4f}  val_accuracy {correct.item() / n_valid:.4f}")
+    sync(device)
+    return time.perf_counter() - started
+
+
+def trainer_overrides(data_dir: Path, save_dir: Path, epochs: int, device: str) -> list[str]:
+    return [f"data_loader.args.data_dir={data_dir}", f"data_loader.args.batch_size={BATCH_SIZE}",
+            f"data_loader.args.validation_split={VALIDATION_FRACTION}", f"optimizer.args.lr={LR}",
+            f"trainer.epochs={epochs}", f"trainer.save_dir={save_dir}", f"device={device}"]
+
+
+def run_trainer(data_dir: Path, epochs: int, device: torch.device) -> float:
+    """(b) `train.py -c configs/mnist.json` in this process; returns the seconds `Trainer.train()` took."""
+    import train
+    from trainer.trainer import Trainer
+
+    seconds = []
+    train_epochs = Trainer.train
+
+    def timed_train(self):
+        sync(self.device)
+        started = time.perf_counter()
+        result = train_epochs(self)
+        sync(self.device)
+        seconds.append(time.perf_counter() - started)
+        return result
+
+    Trainer.train = timed_train
+    with tempfile.TemporaryDirectory() as save_dir:
+        overrides = trainer_overrides(data_dir, Path(save_dir), epochs, str(device))
+        train.main(["-c", str(ROOT / "configs" / "mnist.json"), "--set", *overrides])
+    return seconds[0]
+
+
+def worker(args) -> None:
+    device = torch.device(args.device)
+    if args.worker == "hand-startup":
+        run_hand(Path(args.data_dir), 1, device, FirstStepAdam)
+    run = run_hand if args.worker == "hand" else run_trainer
+    seconds = run(Path(args.data_dir), args.epochs, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    Path(args.out).write_text(json.dumps({"seconds": seconds, "peak_bytes": peak}))
+
+
+# ---- the driver ----------------------------------------------------------------------------------------
+def spawn(mode: str, data_dir: Path, args, out: Path) -> dict:
+    command = [sys.executable, __file__, "--worker", mode, "--data-dir", str(data_dir), "--epochs",
+               str(args.epochs), "--device", args.device, "--out", str(out)]
+    # the console log goes nowhere (its cost stays); stderr is ours, so a terminal shows the progress bar
+    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        sys.exit(f"error: the {mode} worker failed (exit {result.returncode}): {' '.join(command)}")
+    return json.loads(out.read_text())
+
+
+def startup_seconds(command: list[str]) -> float:
+    """Seconds from launching `command` to its exit, or to its FIRST_STEP line when it prints one."""
+    started = time.time()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "CI": "true"})
+    ended = time.time()
+    for line in result.stdout.splitlines():
+        if line.startswith("FIRST_STEP "):
+            return float(line.split()[1]) - started
+    if result.returncode != 0:
+        sys.exit(f"error: {' '.join(command)} failed:\n{result.stderr.strip()}")
+    return ended - started
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "mnist"),
+                        help="folder with the MNIST files (default: ../shared/datasets/mnist next to the repo)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per timed run (default: 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way, interleaved (default: 3)")
+    parser.add_argument("--startup-repeats", type=int, default=5, help="start-up measurements of each (default: 5)")
+    parser.add_argument("--worker", choices=["hand", "train", "hand-startup"], help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    from data_loader.datasets import read_idx
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda: CUDA is not available on this machine")
+
+    source = find_mnist(Path(args.data)) or find_mnist(ROOT / "data" / "mnist_small")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        prepare_data(source, data_dir)
+        n_train = len(read_idx(data_dir / "MNIST" / "raw" / FILES[1]))
+        n_train -= int(n_train * VALIDATION_FRACTION)
+        print(f"MNIST from {source}: {n_train} training samples per epoch, batch {BATCH_SIZE}, {args.epochs} epochs, "
+              f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+        results = {"hand": [], "train": []}
+        for repeat in range(args.repeats):
+            for mode in ("hand", "train") if repeat % 2 == 0 else ("train", "hand"):
+                results[mode].append(spawn(mode, data_dir, args, Path(tmp) / f"{mode}{repeat}.json"))
+                print(f"  run {repeat + 1} {mode:5s} {results[mode][-1]['seconds']:.2f} s", flush=True)
+
+        startup_config = ["-c", "configs/mnist.json", "--set", *trainer_overrides(
+            data_dir, Path(tmp) / "saved", 1, args.device), "optimizer.type=benchmarks.bench_mnist.FirstStepAdam"]
+        commands = {
+            "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+            "... and import torch._dynamo": [sys.executable, "-c", "import time, torch, torch._dynamo; "
+                                             "print('FIRST_STEP', time.time())"],
+            "(a) hand-written loop to first step": [sys.executable, __file__, "--worker", "hand-startup", "--data-dir",
+                                                    str(data_dir), "--device", args.device],
+            "(b) train.py -c ... to first step": [sys.executable, "train.py", *startup_config],
+        }
+        startup = {label: [] for label in commands}
+        for _ in range(args.startup_repeats):
+            for label, command in commands.items():
+                startup[label].append(startup_seconds(command))
+
+    print(f"\nwhole epochs with validation ({args.repeats} runs each, mean ± sd):")
+    for mode, label in (("hand", "(a) hand-written loop"), ("train", "(b) Trainer + config")):
+        seconds = [r["seconds"] for r in results[mode]]
+        rate = n_train * args.epochs / statistics.mean(seconds)
+        peak = max(r["peak_bytes"] for r in results[mode]) / 2**20
+        memory = "peak CUDA memory" if args.device.startswith("cuda") else "peak RSS"
+        print(f"  {label:24s} {mean_sd(seconds)} s   {rate:,.0f} samples/s   {memory} {peak:,.0f} MiB")
+    ratios = [b["seconds"] / a["seconds"] for a, b in zip(results["hand"], results["train"])]
+    print(f"  ratio (b)/(a) of wall time: {mean_sd(ratios)} (mean ± sd over the interleaved pairs)")
+    print(f"\nstart-up, seconds from launch ({args.startup_repeats} runs each, mean ± sd; torch.optim's first step "
+          "imports torch._dynamo, in any script):")
+    for label, seconds in startup.items():
+        print(f"  {label:40s} {mean_sd(seconds)} s")
+    base = startup["python -c 'import torch'"]
+    for label in list(startup)[2:]:
+        extra = [t - i for t, i in zip(startup[label], base)]
+        print(f"  {label[:3] + ' minus import torch':40s} {mean_sd(extra)} s")
+
+if __name__ == "__main__":
+    main()
