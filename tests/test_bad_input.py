@@ -334,7 +334,7 @@ def test_skip_counts_nan_steps_and_nan_weights_are_never_saved(tmp_path, tiny_mn
     assert result.stderr.strip().splitlines() == [
         f"error: model weights are NaN or Inf after epoch 2: not saved, stopping; the last good checkpoint in "
         f"{run_dir} is kept (lower the learning rate or clip gradients)"]
-    assert result.stdout.count("Skipped a step in epoch 1: loss is nan") == 3
+    assert result.stdout.count("Skipped a step in epoch 1: loss is NaN or Inf") == 3
     assert "(3 skipped this epoch)" in result.stdout and "skipped_steps 3" in result.stdout
     saved = checkpoints(run_dir)
     assert list(saved) == ["checkpoint-epoch1.pth", "latest.pth", "model_best.pth"]

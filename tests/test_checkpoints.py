@@ -338,6 +338,13 @@ for _ in range(kills):
     args = ["-r", "auto", "-c", config] if any(save_dir.glob("*/*.pth")) else ["-c", config]
     pid = os.fork()
     if pid == 0:  # the child is train.py, started with `args`
+        real_fsync = os.fsync
+
+        def slow_fsync(fd):  # widen the save path (in this child only) so random kills often land inside it
+            time.sleep(0.02)
+            real_fsync(fd)
+
+        os.fsync = slow_fsync
         try:
             run_main(lambda: train.main(args))
         finally:
