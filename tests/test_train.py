@@ -75,10 +75,12 @@ def test_test_py_evaluates_the_test_split_and_writes_json(trained):
 
 def test_resume_continues_at_the_next_epoch_in_the_same_run(trained):
     run_dir, _ = trained
-    result = run("train.py", "-r", run_dir, "--epochs", "3")
+    result = run("train.py", "-r", run_dir, "--epochs", "3", "--lr", "0.0001")
     assert result.returncode == 0, result.stderr
     assert "Resuming" in result.stdout and "epoch 3/3" in result.stdout and "epoch 2/3" not in result.stdout
-    assert "trainer.epochs: 2 -> 3" in result.stdout  # the changed key is reported
+    assert "trainer.epochs: 2 -> 3" in result.stdout  # the changed keys are reported
+    assert "optimizer.args.lr: 0.002 -> 0.0001" in result.stdout
+    assert "lr 5e-05" in result.stdout  # the new lr replaced the restored one, then StepLR halved it
     assert torch.load(run_dir / "latest.pth", weights_only=True)["epoch"] == 3
     assert len(run_dirs(run_dir.parent.parent)) == 1  # no new run directory
 
