@@ -202,9 +202,6 @@ class ConfigParser:
     def __getitem__(self, key: str) -> Any:
         return self.config[key]
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.config
-
     # ---- checking -------------------------------------------------------------------------------
     def _check(self) -> None:
         from base.base_trainer import BaseTrainer

@@ -32,11 +32,6 @@ def init(device: torch.device) -> None:
     dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
