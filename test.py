@@ -7,7 +7,6 @@ results are printed and written next to the checkpoint as <checkpoint>-test.json
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -61,9 +60,7 @@ def main(argv=None) -> int:
     for key, value in result.items():
         print(f"{key:>12s}: {value:.6g}" if isinstance(value, float) else f"{key:>12s}: {value}")
     out = path.with_name(f"{path.stem}-test.json")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    checkpoint.save_atomic((json.dumps(result, indent=2) + "\n").encode(), out)
     print(f"results written to {out}")
     return 0
 
