@@ -3,14 +3,15 @@
     python test.py -r saved/mnist/<run_id>/model_best.pth
 
 The model and data are rebuilt from the config stored in the checkpoint (-c overrides it); the
-results are printed and written next to the checkpoint as <checkpoint>-test.json.
+results are printed and written next to the checkpoint as <checkpoint>-test.json. Under torchrun every
+process evaluates its share of the test set and rank 0 reports the totals.
 """
 
 import json
 import sys
 from pathlib import Path
 
-from utils import checkpoint
+from utils import checkpoint, dist
 from utils.cli import ArgumentParser, run_main, select_device
 from utils.config import ConfigParser
 
@@ -37,9 +38,12 @@ def main(argv=None) -> int:
     else:
         config = ConfigParser.from_dict(state["config"], f"{path} (its config)", overrides)
     device = select_device(config["device"], "--device" if args.device else f"{config.source}: device")
+    if dist.launched_by_torchrun():
+        dist.init(device)
 
     loader = config.build("data_loader", training=False, shuffle=False, validation_split=0.0,
                           seed=config["seed"]).to(device)
+    loader.drop_last = False  # every test sample counts, whatever the training config says
     model = config.build("arch")
     checkpoint.load_model_weights(model, state["model"], str(path))
     model = model.to(device).eval()
@@ -54,8 +58,10 @@ def main(argv=None) -> int:
         return criterion(output, target), output
 
     with tqdm(total=loader.n_samples, unit="img", unit_scale=True, desc="test", leave=False,
-              disable=not sys.stderr.isatty()) as bar:
+              disable=not (sys.stderr.isatty() and dist.is_main())) as bar:
         result = evaluate(step, loader, metric_fns, device, config["trainer"]["amp"], progress=bar)
+    if not dist.is_main():
+        return 0
     result = {"checkpoint": str(path), "epoch": state["epoch"], "samples": loader.n_samples, **result}
     for key, value in result.items():
         print(f"{key:>12s}: {value:.6g}" if isinstance(value, float) else f"{key:>12s}: {value}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from utils import checkpoint, dist
-from utils.cli import ArgumentParser, run_main, seed_everything, select_device
+from utils.cli import ArgumentParser, keep_freed_memory, run_main, seed_everything, select_device
 from utils.config import ConfigParser, diff_configs, load_file
 from utils.errors import UserError
 
@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     device = select_device(config["device"], "--device" if args.device else f"{config.source}: device")
     if dist.launched_by_torchrun():
         dist.init(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     seed_everything(config["seed"], config["deterministic"])
 
     # Build everything first: a mistake stops us here, before anything is written.

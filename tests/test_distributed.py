@@ -7,6 +7,7 @@ show in the validation metrics. With 'max val_loss' and early_stop 1 every run s
 of 4 (val_loss falls after epoch 1), so early stopping is decided on rank 0 in every DDP run.
 """
 
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ import pytest
 import torch
 
 from conftest import ROOT, make_config, run, run_dirs
+from data_loader.data_loaders import MnistDataLoader
+from tests.models import Deterministic
 
 TIMEOUT = 240  # seconds per launch: a hung rank fails the test instead of blocking it
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CI": "true"}
@@ -130,6 +133,35 @@ def test_only_rank_zero_writes(reference):
     # ... yet the checkpoint holds every rank's RNG state, each rank seeded differently
     rngs = torch.load(run_dir / "latest.pth", weights_only=True)["rng"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+
+
+def test_test_py_in_two_processes_counts_every_test_sample_once(reference):
+    """256 test images with --bs 48 (and drop_last in the training config): one process, two processes
+    and a direct evaluation of the model must agree."""
+    checkpoint_path = reference["ddp"] / "model_best.pth"
+    result_path = reference["ddp"] / "model_best-test.json"
+    results = []
+    for launcher in ("single", "torchrun"):
+        args = ("test.py", "-d", "cpu", "-r", checkpoint_path, "--bs", "48")
+        if launcher == "single":
+            result = run(*args, timeout=TIMEOUT, env=ENV)
+            assert result.returncode == 0, result.stderr[-2000:]
+        else:
+            code, out = finish(launch("--standalone", "--nproc_per_node=2", *args))
+            assert code == 0, out[-3000:]
+            assert out.count("results written to") == 1, out  # rank 0 reports
+        results.append(json.loads(result_path.read_text()))
+    state = torch.load(checkpoint_path, weights_only=True)
+    model = Deterministic()
+    model.load_state_dict(state["model"])
+    loader = MnistDataLoader(state["config"]["data_loader"]["args"]["data_dir"], 256, shuffle=False, training=False)
+    ((data, targets),) = list(loader)
+    with torch.no_grad():
+        output = model.eval()(data)
+    expected = {"samples": 256, "loss": torch.nn.functional.nll_loss(output, targets).item(),
+                "accuracy": (output.argmax(1) == targets).float().mean().item()}
+    for result in results:
+        assert {key: result[key] for key in expected} == pytest.approx(expected, rel=1e-5), result
 
 
 def test_sigterm_then_resume_in_two_processes_then_in_one(tmp_path, tiny_mnist, reference):
