@@ -2,6 +2,7 @@
 
     python benchmarks/bench_mnist.py                      # CPU, 2 epochs, 3 interleaved repetitions
     python benchmarks/bench_mnist.py --device cuda --repeats 5
+    python benchmarks/bench_mnist.py --same-allocator     # (a) gets train.py's CPU malloc settings too
 
 One run of this script, on one device, trains the same model on the same data with the same batch size,
 optimizer (Adam, lr 0.002) and number of steps two ways, each in a fresh process:
@@ -167,11 +168,20 @@ def worker(args) -> None:
 
 
 # ---- the driver ----------------------------------------------------------------------------------------
+def worker_env(args) -> dict:
+    """--same-allocator: both ways run with the glibc malloc settings train.py sets for CPU runs
+    (utils.cli.keep_freed_memory), so the ratio is the framework's own cost, not its allocator tuning."""
+    if not args.same_allocator:
+        return dict(os.environ)
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+
+
 def spawn(mode: str, data_dir: Path, args, out: Path) -> dict:
     command = [sys.executable, __file__, "--worker", mode, "--data-dir", str(data_dir), "--epochs",
                str(args.epochs), "--device", args.device, "--out", str(out)]
     # the console log goes nowhere (its cost stays); stderr is ours, so a terminal shows the progress bar
-    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    result = subprocess.run(command, cwd=ROOT, env=worker_env(args), stdout=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         sys.exit(f"error: the {mode} worker failed (exit {result.returncode}): {' '.join(command)}")
     return json.loads(out.read_text())
@@ -203,6 +213,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per timed run (default: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way, interleaved (default: 3)")
     parser.add_argument("--startup-repeats", type=int, default=5, help="start-up measurements of each (default: 5)")
+    parser.add_argument("--same-allocator", action="store_true",
+                        help="give the hand-written loop the malloc settings train.py uses on CPU too")
     parser.add_argument("--worker", choices=["hand", "train", "hand-startup"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -220,7 +232,8 @@ def main() -> None:
         n_train = len(read_idx(data_dir / "MNIST" / "raw" / FILES[1]))
         n_train -= int(n_train * VALIDATION_FRACTION)
         print(f"MNIST from {source}: {n_train} training samples per epoch, batch {BATCH_SIZE}, {args.epochs} epochs, "
-              f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+              f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+              + (", the same malloc settings for both" if args.same_allocator else ""))
 
         results = {"hand": [], "train": []}
         for repeat in range(args.repeats):

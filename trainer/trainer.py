@@ -24,17 +24,12 @@ class MetricTracker:
     def reset(self) -> None:
         self.sums = torch.zeros(len(self.names), device=self.device)
         self.count = 0  # samples, known on the host: no sync
-        self.first_nonfinite = torch.full((), -1, device=self.device)  # batch index of the first NaN/Inf loss
-        self.batches = torch.zeros((), device=self.device)
 
     def update(self, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> None:
         n = target.shape[0]
         values = torch.stack([loss.float(), *(fn(output, target).float() for fn in self.metric_fns.values())])
         self.sums.add_(values, alpha=n)
         self.count += n
-        bad = ~torch.isfinite(loss) & (self.first_nonfinite < 0)
-        self.first_nonfinite = torch.where(bad, self.batches, self.first_nonfinite)
-        self.batches.add_(1)
 
     def result(self, reduce: bool = True, since: tuple | None = None) -> dict[str, float]:
         """Averages since the last reset (or since a `snapshot()`), summed over ranks if `reduce`."""
@@ -50,21 +45,16 @@ class MetricTracker:
     def snapshot(self) -> tuple[torch.Tensor, int]:
         return self.sums.clone(), self.count
 
-    def nonfinite_batch(self) -> int | None:
-        index = int(self.first_nonfinite)
-        return None if index < 0 else index
-
     def state_dict(self) -> dict:
         """The sums of every rank added up (under DDP every rank must call this, as for a checkpoint)."""
         sums = dist.all_reduce_sum(self.sums.clone())
         count = int(dist.all_reduce_sum(torch.tensor(self.count, device=self.device)))
-        return {"sums": sums, "count": count, "batches": self.batches}
+        return {"sums": sums, "count": count}
 
     def load_state_dict(self, state: dict) -> None:
         """Rank 0 takes the saved totals and the other ranks keep zeros, so `result()` counts them once."""
         if dist.is_main():
             self.sums, self.count = state["sums"].to(self.device), state["count"]
-        self.batches = state["batches"].to(self.device)
 
 
 def autocast(device: torch.device, amp: str):
@@ -125,7 +115,8 @@ class Trainer(BaseTrainer):
         loader.set_epoch(epoch, skip)
         n_batches = len(loader)
         bar = self.progress_bar(epoch, n_batches * loader.batch_size, skip * loader.batch_size)
-        logged = tracker.snapshot()
+        logged, checked = tracker.snapshot(), skip
+        losses = torch.zeros(n_batches, device=self.device)  # per batch, searched for NaN/Inf at log intervals
         self._log_images(epoch, loader)
         for batch_idx, (data, target) in enumerate(loader, start=skip):
             data = data.to(self.device, non_blocking=True, memory_format=self.memory_format)
@@ -135,16 +126,18 @@ class Trainer(BaseTrainer):
             with self._grad_sync(stepping):
                 with autocast(self.device, self.options["amp"]):
                     loss, output = self.train_step(data, target)
-                self.scaler.scale(loss / self.accum_steps).backward()
+                self.scaler.scale(loss / self.accum_steps if self.accum_steps > 1 else loss).backward()
             if self.options["on_nonfinite"] == "skip" and self._skip_nonfinite(loss, epoch):
                 continue
             tracker.update(loss.detach(), output.detach(), target)
+            losses[batch_idx] = loss.detach()
             if not stepping:
                 continue  # accumulate gradients over accum_steps micro-batches
             self._optimizer_step(histograms=last and self._due(epoch, "tb_histograms"))
             self.batch_in_epoch = batch_idx + 1
             if self.global_step % self.log_step == 0 or last:
-                self._check_finite(epoch, tracker)
+                self._check_finite(epoch, losses[checked : batch_idx + 1], checked)
+                checked = batch_idx + 1
                 self._log_progress(bar, tracker, logged, (batch_idx + 1) * loader.batch_size)
                 logged = tracker.snapshot()
             if self._stop_requested():
@@ -194,14 +187,15 @@ class Trainer(BaseTrainer):
         result = evaluate(self.valid_step, self.valid_data_loader, self.metric_fns, self.device, self.options["amp"])
         return {f"val_{k}": v for k, v in result.items()}
 
-    def _check_finite(self, epoch: int, tracker: MetricTracker) -> None:
-        """Stop on a NaN/Inf loss (checked at log intervals: no per-step sync). Nothing is saved, so
-        model_best.pth and the last good checkpoint stay as they were. Under DDP every rank stops."""
+    def _check_finite(self, epoch: int, losses: torch.Tensor, first_batch: int) -> None:
+        """Stop on a NaN/Inf among the `losses` of the batches since the last log interval (first one is
+        `first_batch`): no per-step sync. Nothing is saved, so model_best.pth and the last good checkpoint
+        stay as they were. Under DDP every rank stops."""
         if self.options["on_nonfinite"] != "stop":
             return
-        bad = tracker.nonfinite_batch()
-        if dist.any_flag(bad is not None, self.device):
-            where = f"batch {bad + 1}" if bad is not None else "on another rank"
+        bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+        if dist.any_flag(bool(bad), self.device):
+            where = f"batch {first_batch + bad[0] + 1}" if bad else "on another rank"
             raise TrainingError(f"loss is NaN or Inf at epoch {epoch}, {where}: stopping; the last good "
                                 f"checkpoint in {self.run_dir} is kept (lower the learning rate or clip gradients)")
 
