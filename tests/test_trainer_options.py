@@ -257,16 +257,24 @@ def test_train_py_with_speed_options(tmp_path, tiny_mnist):
 
 
 
-CHURN = """
+TRAINING_STEPS = """
 import resource, sys, torch
+import torch.nn.functional as F
+from model.model import MnistModel
 from utils.cli import keep_freed_memory
 if sys.argv[1] == "keep":
     keep_freed_memory()
-def step():  # 40 MiB of activations in 4 MiB blocks, freed at the end of the step
-    activations = [torch.ones(1 << 20) for _ in range(10)]
-step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.manual_seed(0)
+model, data, target = MnistModel(), torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+def step():
+    optimizer.zero_grad()
+    F.nll_loss(model(data), target).backward()
+    optimizer.step()
 for _ in range(5):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
     step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -281,9 +289,11 @@ def python(code: str, *args: str) -> str:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_keep_freed_memory_stops_page_faults_between_steps():
-    """glibc's default trims freed activations off the heap, so each step faults them back in."""
-    faults = {mode: int(python(CHURN, mode)) for mode in ("default", "keep")}
-    assert faults["keep"] * 4 < faults["default"], faults
+    """With glibc's defaults a MnistModel step usually faults its activations back in (5,000-50,000 faults
+    in 20 steps, seen here, but now and then its adaptive thresholds settle at 0, hence three processes);
+    kept, 0-1,500."""
+    faults = [int(python(TRAINING_STEPS, "keep")) for _ in range(3)]
+    assert max(faults) < 3000, faults
 
 
 def test_train_py_keeps_freed_memory_on_cpu(tmp_path, tiny_mnist):
