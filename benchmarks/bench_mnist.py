@@ -173,7 +173,9 @@ def worker_env(args) -> dict:
     (utils.cli.keep_freed_memory), so the ratio is the framework's own cost, not its allocator tuning."""
     if not args.same_allocator:
         return dict(os.environ)
-    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+    from utils.cli import MALLOC_SETTINGS
+
+    return {**os.environ, **{name: str(value) for name, value in MALLOC_SETTINGS.items()}}
 
 
 def spawn(mode: str, data_dir: Path, args, out: Path) -> dict:

@@ -256,7 +256,6 @@ def test_train_py_with_speed_options(tmp_path, tiny_mnist):
     assert state["config"]["trainer"]["amp"] == "bf16"
 
 
-
 TRAINING_STEPS = """
 import resource, sys, torch
 import torch.nn.functional as F

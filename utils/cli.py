@@ -78,6 +78,10 @@ def select_device(name: str, where: str = "device") -> torch.device:
     return device
 
 
+# glibc's malloc settings for CPU runs, named as the environment variables that would set them
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 64 << 20}
+
+
 def keep_freed_memory() -> None:
     """Stop glibc from handing freed memory back to the OS between training steps (Linux, CPU runs).
 
@@ -87,12 +91,11 @@ def keep_freed_memory() -> None:
     twice that for trimming). MALLOC_*_ or GLIBC_TUNABLES in the environment take precedence."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
-    if {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & os.environ.keys() or \
-            "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    if MALLOC_SETTINGS.keys() & os.environ.keys() or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     libc = ctypes.CDLL(None)
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    libc.mallopt(-3, MALLOC_SETTINGS["MALLOC_MMAP_THRESHOLD_"])  # -3: M_MMAP_THRESHOLD
+    libc.mallopt(-1, MALLOC_SETTINGS["MALLOC_TRIM_THRESHOLD_"])  # -1: M_TRIM_THRESHOLD
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
