@@ -22,6 +22,8 @@ def parse_args(argv=None):
     parser.add_argument("-c", "--config", help="config file to use instead of the checkpoint's")
     parser.add_argument("-d", "--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's, else auto)")
     parser.add_argument("--bs", type=int, help="batch size for evaluation")
+    parser.add_argument("--trust-config", action="store_true",
+                        help="let the checkpoint's config name any importable code (only for files you trust)")
     parser.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
                         help="override any config key, e.g. --set data_loader.args.data_dir=data/")
     return parser.parse_args(argv)
@@ -36,7 +38,8 @@ def main(argv=None) -> int:
     if args.config:
         config = ConfigParser.from_file(args.config, overrides)
     else:
-        config = ConfigParser.from_dict(state["config"], f"{path} (its config)", overrides)
+        config = ConfigParser.from_dict(state["config"], f"{path} (its config)", overrides,
+                                        restricted=not args.trust_config)
     device = select_device(config["device"], "--device" if args.device else f"{config.source}: device")
     if dist.launched_by_torchrun():
         dist.init(device)

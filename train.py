@@ -29,6 +29,8 @@ def parse_args(argv=None):
     parser.add_argument("-r", "--resume", help="checkpoint file, run directory, or 'auto' (newest run of -c's name)")
     parser.add_argument("-d", "--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's, else auto)")
     parser.add_argument("--finetune", metavar="CHECKPOINT", help="start a new run from these model weights only")
+    parser.add_argument("--trust-config", action="store_true",
+                        help="let a resumed checkpoint's config name any importable code (only for files you trust)")
     parser.add_argument("--lr", type=float, help=f"shortcut for --set {SHORTCUTS['lr']}=...")
     parser.add_argument("--bs", type=int, help=f"shortcut for --set {SHORTCUTS['bs']}=...")
     parser.add_argument("--epochs", type=int, help=f"shortcut for --set {SHORTCUTS['epochs']}=...")
@@ -66,7 +68,8 @@ def build_config(args, resumed: dict | None) -> tuple[ConfigParser, list[str]]:
     if args.config:
         config = ConfigParser.from_file(args.config, overrides)
     else:
-        config = ConfigParser.from_dict(resumed["config"], f"{args.resume} (its config)", overrides)
+        config = ConfigParser.from_dict(resumed["config"], f"{args.resume} (its config)", overrides,
+                                        restricted=not args.trust_config)
     changes = []
     if resumed is not None:
         if config["arch"] != resumed["config"]["arch"]:

@@ -219,9 +219,13 @@ def write_config(work: Path, data_dir: Path, name: str, changes: dict) -> None:
     path.write_text(json.dumps(config))
 
 
-def make_workspace(work: Path, data_dir: Path, ckpt: Path) -> None:
-    """Every file the table names, in `work`; runs would go to work/saved."""
+def make_workspace(work: Path, data_dir: Path, run_ckpt: Path) -> Path:
+    """Every file the table names, in `work`; runs would go to work/saved. Returns the good checkpoint: the
+    run's, with nll_loss for its test module's loss (which a checkpoint's config may not name)."""
     work.mkdir()
+    state = torch.load(run_ckpt, weights_only=True)
+    ckpt = work / "checkpoint.pth"
+    torch.save({**state, "config": {**state["config"], "loss": "nll_loss"}}, ckpt)
     write_config(work, data_dir, "good.json", {})
     for case, (changes, _) in CONFIGS.items():
         write_config(work, data_dir, f"{case}.json", changes)
@@ -242,6 +246,7 @@ def make_workspace(work: Path, data_dir: Path, ckpt: Path) -> None:
     torch.save({**state, "version": 99}, work / "future.pth")
     state["model"] = {k: v[:5] if k.startswith("fc2") else v for k, v in state["model"].items()}  # 5 classes
     torch.save(state, work / "misfit.pth")
+    return ckpt
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -290,8 +295,7 @@ def stopped_run(tmp_path_factory, tiny_mnist) -> tuple[Path, subprocess.Complete
 def bad_inputs(tmp_path_factory, tiny_mnist, stopped_run) -> tuple[Path, Path, dict]:
     """(workspace, checkpoint, results of every case run in one process)."""
     work = tmp_path_factory.mktemp("bad") / "work"
-    ckpt = stopped_run[0] / "checkpoint-epoch1.pth"
-    make_workspace(work, tiny_mnist, ckpt)
+    ckpt = make_workspace(work, tiny_mnist, stopped_run[0] / "checkpoint-epoch1.pth")
     cases = {case: command(case, work, ckpt)[:2] for case in [*CONFIGS, *FILES, *COMMANDS]}
     spec = work.parent / "cases.json"
     spec.write_text(json.dumps({"cases": cases, "watch": [str(work), str(stopped_run[0])]}))

@@ -121,3 +121,65 @@ def test_base_config_has_every_required_top_level_key():
     from utils.config import REQUIRED, TOP_LEVEL
 
     assert {k for k, v in TOP_LEVEL.items() if v is REQUIRED} <= set(BASE_CONFIG)
+
+
+# ---- kinds: what a role's `type` may name, checked before anything is called ------------------------------
+@pytest.mark.parametrize("role,spec,message", [
+    ("arch", {"type": "os.system", "args": {"command": "true"}}, "'os.system' is not a model (an nn.Module)"),
+    ("arch", {"type": "torch.optim.SGD", "args": {}}, "'torch.optim.SGD' is not a model (an nn.Module)"),
+    ("optimizer", {"type": "torch.nn.Linear", "args": {}}, "is not an optimizer (a torch.optim.Optimizer)"),
+    ("data_loader.type", "read_rgb_image", "unknown data_loader type 'read_rgb_image'"),
+    ("lr_scheduler", {"type": "torch.optim.Adam", "args": {}}, "is not an LR scheduler"),
+    ("loss", {"type": "builtins.len"}, "'builtins.len' is not a function or class"),
+    ("loss", {"type": "data_loader.datasets.read_idx"}, "cannot be called with (output, target)"),
+    ("metrics", [{"type": "collections.OrderedDict"}], "is a class whose objects cannot be called"),
+])
+def test_a_type_of_the_wrong_kind_is_refused_before_it_is_called(tmp_path, tiny_mnist, role, spec, message):
+    path = make_config(tmp_path, tiny_mnist, {role: spec})
+    with pytest.raises(UserError, match=re_escape(message)):
+        ConfigParser.from_file(path)
+
+
+def test_a_function_result_of_the_wrong_kind_is_refused_after_the_call(tmp_path, tiny_mnist):
+    path = make_config(tmp_path, tiny_mnist, {"arch": {"type": "copy.deepcopy", "args": {"x": 1}}})
+    config = ConfigParser.from_file(path)
+    with pytest.raises(UserError, match="arch: copy.deepcopy returned int, not a model"):
+        config.build("arch")
+
+
+def test_a_model_factory_in_model_py_is_found_when_annotated(monkeypatch, tmp_path, tiny_mnist):
+    """`def resnet34(...) -> nn.Module` in a role module is a type; an unannotated helper is not listed."""
+    import model.model as models
+
+    def tiny_net(width: int = 4) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, width))
+
+    def helper(x):
+        return x
+
+    tiny_net.__module__ = helper.__module__ = "model.model"
+    monkeypatch.setattr(models, "tiny_net", tiny_net, raising=False)
+    monkeypatch.setattr(models, "helper", helper, raising=False)
+    config = ConfigParser.from_file(make_config(tmp_path, tiny_mnist, {"arch": {"type": "tiny_net", "args": {}}}))
+    assert isinstance(config.build("arch"), torch.nn.Sequential)
+    with pytest.raises(UserError, match=r"unknown arch type 'helper'; available: MnistModel, tiny_net$"):
+        ConfigParser.from_file(make_config(tmp_path, tiny_mnist, {"arch": {"type": "helper", "args": {}}}))
+
+
+def test_restricted_configs_name_only_trusted_modules(tmp_path, tiny_mnist):
+    raw = json.loads(make_config(tmp_path, tiny_mnist).read_text())
+    for spec in ({"type": "torchvision.models.resnet18", "args": {"num_classes": 10}},
+                 {"type": "torch.nn.Linear", "args": {"in_features": 784, "out_features": 10}}):
+        ConfigParser.from_dict({**raw, "arch": spec}, "ckpt", restricted=True)
+    for name in ("collections.OrderedDict", "json.JSONDecoder", "nosuch.Module"):
+        with pytest.raises(UserError, match=f"'{name}' is not trusted in a checkpoint's config"):
+            ConfigParser.from_dict({**raw, "arch": {"type": name}}, "ckpt", restricted=True)
+    with pytest.raises(UserError, match="is defined in 'copy', which a checkpoint's config may not name"):
+        ConfigParser.from_dict({**raw, "arch": {"type": "torch.optim.optimizer.deepcopy", "args": {"x": 1}}},
+                               "ckpt", restricted=True)
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)

@@ -140,7 +140,7 @@ def test_test_py_in_two_processes_counts_every_test_sample_once(reference):
     and a direct evaluation of the model must agree."""
     checkpoint_path = reference["ddp"] / "model_best.pth"
     result_path = reference["ddp"] / "model_best-test.json"
-    args = ("test.py", "-d", "cpu", "-r", checkpoint_path, "--bs", "48")
+    args = ("test.py", "-d", "cpu", "-r", checkpoint_path, "--bs", "48", "--trust-config")  # tests.models
     result = run(*args, timeout=TIMEOUT, env=ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     results = [json.loads(result_path.read_text())]
@@ -170,12 +170,12 @@ def test_sigterm_then_resume_in_two_processes_then_in_one(tmp_path, tiny_mnist, 
     assert progress(run_dir / "latest.pth") == (0, 15, 15)
 
     # resume in two processes; now rank 0 is signalled, in step 15 + 22 (epoch 2, 28 steps an epoch)
-    code, out = torchrun("-r", run_dir, env={"TEST_SIGTERM": "0:22"})
+    code, out = torchrun("-r", run_dir, "--trust-config", env={"TEST_SIGTERM": "0:22"})  # tests.models
     assert code != 0 and "stopped by SIGTERM" in out, out[-3000:]
     assert progress(run_dir / "latest.pth") == (1, 12, 40)
 
     # finish in one process with the same global batch: as if never interrupted
-    single("-r", run_dir, "--bs", "32")
+    single("-r", run_dir, "--bs", "32", "--trust-config")
     assert_same_weights(run_dir / "latest.pth", reference["ddp"] / "latest.pth")
     assert_same_results(epoch_results(run_dir), epoch_results(reference["ddp"]))
 
@@ -193,7 +193,7 @@ def test_two_nodes_on_loopback_resume_a_single_process_checkpoint(tmp_path, refe
     shutil.copy(reference["single"] / "checkpoint-epoch1.pth", checkpoint)
     port = free_port()
     nodes = [launch("--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
-                    f"--master_port={port}", "train.py", "-d", "cpu", "-r", checkpoint, "--bs", "8",
+                    f"--master_port={port}", "train.py", "-d", "cpu", "-r", checkpoint, "--bs", "8", "--trust-config",
                     "--set", "trainer.accum_steps=2")
              for rank in (0, 1)]
     try:

@@ -60,6 +60,11 @@ def remove_stale_temporaries(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# The type of each field a checkpoint of this project has (a field of another type is refused on load).
+FIELDS = {"version": int, "arch": str, "epoch": int, "batch_in_epoch": int, "global_step": int, "model": dict,
+          "optimizer": dict, "monitor_best": float, "not_improved_count": int, "rng": list, "config": dict}
+
+
 def load(path: str | Path) -> dict:
     """Load a checkpoint safely (`weights_only=True`); any problem is one clear UserError."""
     path = Path(path)
@@ -75,6 +80,9 @@ def load(path: str | Path) -> dict:
         raise UserError(f"{path}: not a loadable checkpoint: {load_failure(e)}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path}: not a checkpoint of this project (no 'model' and 'config' entries)")
+    for key, kind in FIELDS.items():
+        if key in state and (not isinstance(state[key], kind) or kind is int and isinstance(state[key], bool)):
+            raise UserError(f"{path}: damaged checkpoint: '{key}' is {type(state[key]).__name__}, not {kind.__name__}")
     if state.get("version", 0) > VERSION:
         raise UserError(f"{path}: checkpoint version {state['version']} is newer than this code ({VERSION})")
     return state

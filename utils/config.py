@@ -11,10 +11,12 @@ import importlib
 import inspect
 import json
 import re
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from utils.errors import UserError
@@ -183,9 +185,11 @@ def with_defaults(raw: dict, source: str) -> dict:
 class ConfigParser:
     """A checked config and the one place that turns its `{type, args}` entries into objects."""
 
-    def __init__(self, config: dict, source: str = "<config>"):
-        self.source = source
-        self.config = config
+    def __init__(self, config: dict, source: str = "<config>", restricted: bool = False):
+        """restricted: the config is someone else's data (read from a checkpoint): it may only name
+        what the project trusts (see `resolve`)."""
+        self.source, self.config, self.restricted = source, config, restricted
+        self.targets: dict[str, Callable] = {}  # "arch", "metrics[0]", ... -> what its `type` names
         self._check()
 
     @classmethod
@@ -193,11 +197,13 @@ class ConfigParser:
         return cls.from_dict(load_file(path), str(path), overrides)
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str, overrides: list[str] = ()) -> "ConfigParser":
+    def from_dict(cls, raw: dict, source: str, overrides: list[str] = (), restricted: bool = False) -> "ConfigParser":
+        if not isinstance(raw, dict):
+            raise UserError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
         config = with_defaults(raw, source)
         for expr in overrides:
             apply_override(config, *parse_override(expr))
-        return cls(config, source)
+        return cls(config, source, restricted)
 
     def __getitem__(self, key: str) -> Any:
         return self.config[key]
@@ -248,7 +254,8 @@ class ConfigParser:
             raise UserError(f"{where}.args: expected a mapping, got {args!r}")
         if role == "lr_scheduler" and spec.get("interval", "epoch") not in SCHEDULER_INTERVALS:
             raise UserError(f"{where}.interval: expected one of {SCHEDULER_INTERVALS}, got {spec['interval']!r}")
-        target = resolve(role, spec["type"], f"{where}.type")
+        target = resolve(role, spec["type"], f"{where}.type", self.restricted)
+        self.targets[where[len(self.source) + 2 :]] = target
         injected = INJECTED.get(role, set())
         if role in ("loss", "metrics") and not inspect.isclass(target):
             injected = set(list(signature_params(target))[:2])  # (output, target) come from the trainer
@@ -282,19 +289,20 @@ class ConfigParser:
     def _callable(self, role: str, spec: str | dict, where: str) -> Callable:
         """A loss or metric: a class is instantiated with its args, a function gets them bound."""
         spec = {"type": spec} if isinstance(spec, str) else spec
-        target = resolve(role, spec["type"], where)
-        if inspect.isclass(target):
+        if inspect.isclass(self.targets[where]):
             return self._call(role, spec, where)
+        target = self.targets[where]
         return functools.partial(target, **spec.get("args", {})) if spec.get("args") else target
 
     def _call(self, role: str, spec: dict, where: str, *args: Any, **kwargs: Any) -> Any:
-        target = resolve(role, spec["type"], f"{self.source}: {where}.type")
+        target = self.targets[where]
         try:
-            return target(*args, **{**spec.get("args", {}), **kwargs})
+            built = target(*args, **{**spec.get("args", {}), **kwargs})
         except (TypeError, ValueError) as e:
             raise UserError(f"{self.source}: {where}: {spec['type']}: {e}") from None
         except UserError as e:  # e.g. a data loader's missing files: say which config entry asked for them
             raise UserError(f"{self.source}: {where}: {e}") from None
+        return check_built(role, built, spec["type"], f"{self.source}: {where}")
 
 
 def signature_params(fn: Callable) -> dict[str, inspect.Parameter]:
@@ -327,42 +335,124 @@ def check_args(fn: Callable, args: dict, where: str, injected: set[str]) -> None
             raise UserError(f"{where}: missing required argument '{name}'")
 
 
+# What a config read back from a checkpoint may name without --trust-config: modules in these packages
+# (this project's role packages, and torch/torchvision code that only builds objects), decided from the
+# name before anything is imported. A config given with -c may name any importable callable.
+TRUSTED_PACKAGES = ("model", "data_loader", "trainer", "torch.nn", "torch.optim", "torchvision.models",
+                    "torchvision.transforms")
+TRUST_HINT = "give your own config with -c, or --trust-config if you trust this checkpoint"
+
+
+def is_trusted_module(module_name: str) -> bool:
+    return any(module_name == p or module_name.startswith(p + ".") for p in TRUSTED_PACKAGES)
+
+
+def _kinds() -> dict[str, tuple[tuple[type, ...], str]]:
+    """Per role: the classes an object must be an instance of, and how to name that kind in errors."""
+    from base.base_data_loader import BaseDataLoader
+
+    schedulers = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    return {
+        "arch": ((torch.nn.Module,), "a model (an nn.Module)"),
+        "data_loader": ((BaseDataLoader,), "a data loader (a BaseDataLoader)"),
+        "optimizer": ((torch.optim.Optimizer,), "an optimizer (a torch.optim.Optimizer)"),
+        "lr_scheduler": (schedulers, "an LR scheduler (a torch.optim.lr_scheduler.LRScheduler)"),
+    }
+
+
+def kind_problem(role: str, target: Any) -> str | None:
+    """Why `target` cannot fill `role`, or None. Checked before anything is called: a class must be of
+    the role's kind; otherwise only a Python function will do (its result is checked after the call);
+    a loss or metric must take (output, target)."""
+    if role in ("loss", "metrics"):
+        if inspect.isclass(target):
+            callable_instances = any("__call__" in vars(k) for k in target.__mro__[:-1])
+            return None if callable_instances else "is a class whose objects cannot be called"
+        if not inspect.isfunction(target):
+            return "is not a function or class"
+        params = signature_params(target).values()
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+            return "cannot be called with (output, target)"
+        return None
+    bases, kind = _kinds()[role]
+    if inspect.isclass(target):
+        return None if issubclass(target, bases) else f"is not {kind}"
+    return None if inspect.isfunction(target) else f"is not {kind}, nor a function that returns one"
+
+
+def check_built(role: str, obj: Any, type_name: str, where: str) -> Any:
+    """What a function returned must be of the role's kind (a class was checked before the call)."""
+    if role in ("loss", "metrics"):
+        ok, kind = callable(obj), "something callable"
+    else:
+        bases, kind = _kinds()[role]
+        ok = isinstance(obj, bases)
+    if not ok:
+        raise UserError(f"{where}: {type_name} returned {type(obj).__name__}, not {kind}")
+    return obj
+
+
+def returns_kind(role: str, fn: Callable) -> bool:
+    """`fn` is annotated to return the role's kind (`def resnet34(...) -> nn.Module`)."""
+    try:
+        returned = typing.get_type_hints(fn).get("return")
+    except Exception:  # noqa: BLE001 - an annotation that does not evaluate says nothing
+        return False
+    return inspect.isclass(returned) and issubclass(returned, _kinds()[role][0])
+
+
 def _candidates(module_name: str, role: str) -> dict[str, Callable]:
+    """The names a config may use for `role` without a dotted path: what `module_name` defines (or, for
+    torch's modules, exports) that is of the role's kind."""
     module = importlib.import_module(module_name)
     found = {}
     for name, obj in vars(module).items():
-        if name.startswith("_") or not callable(obj):
+        if name.startswith("_") or not callable(obj) or kind_problem(role, obj):
             continue
-        own = getattr(obj, "__module__", "") == module_name
-        if module_name == "torch.nn":
-            keep = inspect.isclass(obj) and name.endswith("Loss")
-        elif module_name.startswith("torch."):
-            keep = inspect.isclass(obj) and "Optimizer" not in name and name[0].isupper()
-        else:
-            keep = own and not (role == "arch" and not inspect.isclass(obj))
+        if module_name.startswith("torch."):  # torch's own: its public classes, not the abstract bases
+            keep = inspect.isclass(obj) and name not in ("Optimizer", "LRScheduler")
+            keep = keep and (name.endswith("Loss") if module_name == "torch.nn" else True)
+        else:  # the module's own classes, and functions; a function builds a model (...) only if it says so
+            keep = getattr(obj, "__module__", "") == module_name and (
+                role in ("loss", "metrics") or inspect.isclass(obj) or returns_kind(role, obj))
         if keep:
             found[name] = obj
     return found
 
 
-def resolve(role: str, type_name: str, where: str) -> Callable:
-    """The callable a config's `type` names, looked up in the role's modules or as a dotted path."""
+def resolve(role: str, type_name: str, where: str, restricted: bool = False) -> Callable:
+    """The callable a config's `type` names, looked up in the role's modules or as a dotted path, and
+    of the role's kind. `restricted`: the config came from a checkpoint, so a dotted path may only
+    name a trusted module (see TRUSTED_PACKAGES); no other module is imported."""
     if "." in type_name:
         module_name, _, attr = type_name.rpartition(".")
+        if restricted and not is_trusted_module(module_name):
+            raise UserError(f"{where}: '{type_name}' is not trusted in a checkpoint's config (only this project's "
+                            f"{', '.join(TRUSTED_PACKAGES[:3])} modules and torch/torchvision classes); {TRUST_HINT}")
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
             raise UserError(f"{where}: cannot import '{module_name}' for '{type_name}': {e}") from None
         if not callable(getattr(module, attr, None)):
             raise UserError(f"{where}: '{module_name}' has no callable '{attr}'{suggest(attr, dir(module))}")
-        return getattr(module, attr)
-    available = {}
-    for module_name in ROLE_MODULES[role]:
-        available.update({k: v for k, v in _candidates(module_name, role).items() if k not in available})
-    if type_name in available:
-        return available[type_name]
-    listing = ", ".join(sorted(available))
-    raise UserError(f"{where}: unknown {role} type '{type_name}'{suggest(type_name, available)}; available: {listing}")
+        target = getattr(module, attr)
+        if restricted and not is_trusted_module(getattr(target, "__module__", None) or ""):  # imported from elsewhere
+            raise UserError(f"{where}: '{type_name}' is defined in '{target.__module__}', which a checkpoint's "
+                            f"config may not name; {TRUST_HINT}")
+    else:
+        available = {}
+        for module_name in ROLE_MODULES[role]:
+            available.update({k: v for k, v in _candidates(module_name, role).items() if k not in available})
+        if type_name not in available:
+            listing = ", ".join(sorted(available))
+            raise UserError(f"{where}: unknown {role} type '{type_name}'{suggest(type_name, available)}; "
+                            f"available: {listing}")
+        target = available[type_name]
+    problem = kind_problem(role, target)
+    if problem:
+        raise UserError(f"{where}: '{type_name}' {problem}")
+    return target
 
 
 def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
