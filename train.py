@@ -13,29 +13,24 @@ from pathlib import Path
 
 import torch
 
+from logger import setup_logging
 from utils import checkpoint, dist
-from utils.cli import ArgumentParser, keep_freed_memory, run_main, seed_everything, select_device
+from utils.allocator import keep_freed_memory
+from utils.cli import ArgumentParser, run_main
 from utils.config import ConfigParser, diff_configs, load_file
 from utils.errors import UserError
+from utils.startup import SHORTCUTS, add_common_arguments, load_config, start_process
 
 log = logging.getLogger("train")
-
-SHORTCUTS = {"lr": "optimizer.args.lr", "bs": "data_loader.args.batch_size", "epochs": "trainer.epochs"}
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", help="config file (.json, .yaml)")
+    add_common_arguments(parser)
     parser.add_argument("-r", "--resume", help="checkpoint file, run directory, or 'auto' (newest run of -c's name)")
-    parser.add_argument("-d", "--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's, else auto)")
     parser.add_argument("--finetune", metavar="CHECKPOINT", help="start a new run from these model weights only")
-    parser.add_argument("--trust-config", action="store_true",
-                        help="let a resumed checkpoint's config name any importable code (only for files you trust)")
     parser.add_argument("--lr", type=float, help=f"shortcut for --set {SHORTCUTS['lr']}=...")
-    parser.add_argument("--bs", type=int, help=f"shortcut for --set {SHORTCUTS['bs']}=...")
     parser.add_argument("--epochs", type=int, help=f"shortcut for --set {SHORTCUTS['epochs']}=...")
-    parser.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set optimizer.args.lr=0.01 trainer.epochs=3")
     args = parser.parse_args(argv)
     if not args.config and not args.resume:
         parser.error("give a config (-c) or a checkpoint to resume (-r)")
@@ -60,23 +55,12 @@ def load_resume(args) -> tuple[Path, dict]:
     return path, checkpoint.load(path)
 
 
-def build_config(args, resumed: dict | None) -> tuple[ConfigParser, list[str]]:
-    overrides = [f"{SHORTCUTS[k]}={getattr(args, k)}" for k in SHORTCUTS if getattr(args, k) is not None]
-    overrides += args.set
-    if args.device:
-        overrides.append(f"device={args.device}")
-    if args.config:
-        config = ConfigParser.from_file(args.config, overrides)
-    else:
-        config = ConfigParser.from_dict(resumed["config"], f"{args.resume} (its config)", overrides,
-                                        restricted=not args.trust_config)
-    changes = []
-    if resumed is not None:
-        if config["arch"] != resumed["config"]["arch"]:
-            raise UserError(f"{config.source}: arch differs from the checkpoint's ({resumed['config']['arch']}): "
-                            "a resume keeps the architecture; use --finetune to start a new run from its weights")
-        changes = diff_configs(resumed["config"], config.config)
-    return config, changes
+def resume_changes(config: ConfigParser, resumed: dict) -> list[str]:
+    """The config keys changed since the checkpoint; a resume keeps the architecture."""
+    if config["arch"] != resumed["config"]["arch"]:
+        raise UserError(f"{config.source}: arch differs from the checkpoint's ({resumed['config']['arch']}): "
+                        "a resume keeps the architecture; use --finetune to start a new run from its weights")
+    return diff_configs(resumed["config"], config.config)
 
 
 def apply_optimizer_changes(optimizer: torch.optim.Optimizer, old: dict, new: dict) -> None:
@@ -114,46 +98,48 @@ def new_run_dir(config: ConfigParser) -> Path:
     return Path(run_dir)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    resume_path, resumed = load_resume(args) if args.resume else (None, None)
-    config, changes = build_config(args, resumed)
-    device = select_device(config["device"], "--device" if args.device else f"{config.source}: device")
-    if dist.launched_by_torchrun():
-        dist.init(device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    seed_everything(config["seed"], config["deterministic"])
-
-    # Build everything first: a mistake stops us here, before anything is written.
+def build_parts(config: ConfigParser, device: torch.device, finetune: str | None) -> dict:
+    """Every object the config names, as the Trainer's keyword arguments. A mistake stops here, before
+    anything is written."""
     data_loader = config.build("data_loader", seed=config["seed"]).to(device)
-    valid_data_loader = data_loader.split_validation()
     model = config.build("arch").to(device)
     if config["trainer"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    if args.finetune:
-        checkpoint.load_model_weights(model, checkpoint.load(args.finetune)["model"], f"--finetune {args.finetune}")
-    criterion, metric_fns = config.build_loss(), config.build_metrics()
+    if finetune:
+        checkpoint.load_model_weights(model, checkpoint.load(finetune)["model"], f"--finetune {finetune}")
     optimizer = config.build("optimizer", model.parameters())
-    lr_scheduler = config.build("lr_scheduler", optimizer) if config["lr_scheduler"] else None
+    return {"model": model, "criterion": config.build_loss(), "metric_fns": config.build_metrics(),
+            "optimizer": optimizer, "data_loader": data_loader, "valid_data_loader": data_loader.split_validation(),
+            "lr_scheduler": config.build("lr_scheduler", optimizer) if config["lr_scheduler"] else None}
 
+
+def restore(trainer, resumed: dict, resume_path: Path, config: ConfigParser) -> None:
+    try:
+        trainer.load_state_dict(resumed)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UserError(f"{resume_path}: does not fit this run: {str(e).strip().splitlines()[0][:200]}") from None
+    apply_optimizer_changes(trainer.optimizer, resumed["config"]["optimizer"], config["optimizer"])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    resume_path, resumed = load_resume(args) if args.resume else (None, None)
+    config = load_config(args, resume_path, resumed)
+    changes = resume_changes(config, resumed) if resumed else []
+    device = start_process(config, args)
+    parts = build_parts(config, device, args.finetune)
     from trainer.trainer import Trainer
 
     run_dir = resume_path.parent if resumed else new_run_dir(config)
-    trainer = Trainer(model, criterion, metric_fns, optimizer, config, device, run_dir, data_loader,
-                      valid_data_loader, lr_scheduler)
+    trainer = Trainer(config=config, device=device, run_dir=run_dir, **parts)
     if resumed:
-        try:
-            trainer.load_state_dict(resumed)
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise UserError(f"{resume_path}: does not fit this run: {str(e).strip().splitlines()[0][:200]}") from None
-        apply_optimizer_changes(optimizer, resumed["config"]["optimizer"], config["optimizer"])
+        restore(trainer, resumed, resume_path, config)
     if dist.is_main():
         checkpoint.remove_stale_temporaries(run_dir)
         (run_dir / "config.json").write_text(json.dumps(config.config, indent=2) + "\n")
-    from logger import setup_logging
-
     setup_logging(run_dir / "train.log", config["trainer"]["verbosity"], dist.rank())
+    if device.type == "cpu":
+        keep_freed_memory()
     if resumed:
         log.info("Resuming %s at epoch %d, batch %d (global step %d)", resume_path, trainer.epoch + 1,
                  trainer.batch_in_epoch, trainer.global_step)
@@ -161,10 +147,10 @@ def main(argv=None) -> int:
             log.warning("Config changed since the checkpoint: %s", line)
     else:
         log.info("Run directory: %s", run_dir)
-    log.debug("%s", model)
+    log.debug("%s", trainer.model)
     log.info("Training on %s (%d process%s), %d training samples, %d validation samples", device,
-             dist.world_size(), "es" if dist.world_size() > 1 else "", data_loader.n_samples,
-             valid_data_loader.n_samples if valid_data_loader else 0)
+             dist.world_size(), "es" if dist.world_size() > 1 else "", trainer.data_loader.n_samples,
+             trainer.valid_data_loader.n_samples if trainer.valid_data_loader else 0)
     trainer.train()
     log.info("Done. Checkpoints and logs: %s", run_dir)
     return 0

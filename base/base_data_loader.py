@@ -37,6 +37,7 @@ class BaseDataLoader:
     def __init__(
         self,
         dataset: Dataset,
+        *,
         batch_size: int,
         shuffle: bool = True,
         validation_split: float = 0.0,
@@ -59,7 +60,7 @@ class BaseDataLoader:
             self.loader_options.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.indices = torch.arange(len(dataset)) if indices is None else indices
         self.valid_indices = self._split(validation_split)
-        self.epoch, self.skip_batches = 0, 0
+        self.epoch = 0
         self._sampler = _IndexSampler()
         self._loader = None  # created on first use, kept so persistent workers survive epochs
 
@@ -91,9 +92,9 @@ class BaseDataLoader:
         valid._sampler, valid._loader = _IndexSampler(), None
         return valid
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Select the order of `epoch`; the first `skip_batches` batches are skipped (resume)."""
-        self.epoch, self.skip_batches = epoch, skip_batches
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of `epoch` (a pure function of seed and epoch)."""
+        self.epoch = epoch
 
     def to(self, device: torch.device) -> "BaseDataLoader":
         """Move in-memory data to the training device (a no-op for datasets read by workers)."""
@@ -122,12 +123,20 @@ class BaseDataLoader:
         return len(self.indices)
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank (skipped ones included)."""
-        return -(-len(self.epoch_indices()) // self.batch_size)
+        """Batches per epoch on this rank (skipped ones included), counted without drawing the order."""
+        n, world = len(self.indices), dist.world_size()
+        if world > 1:  # training pads to a multiple of world (see epoch_indices); evaluation does not
+            n = -(-n // world) if self.shuffle else len(range(dist.rank(), n, world))
+        if self.drop_last:
+            n = n // self.batch_size * self.batch_size
+        return -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator:
-        indices = self.epoch_indices()[self.skip_batches * self.batch_size :]
-        self.skip_batches = 0
+        return self.batches()
+
+    def batches(self, skip: int = 0) -> Iterator:
+        """The current epoch's batches, without the first `skip` (a resume in the middle of an epoch)."""
+        indices = self.epoch_indices()[skip * self.batch_size :]
         if hasattr(self.dataset, "get_batch"):
             indices = indices.to(self.dataset.device)
             for start in range(0, len(indices), self.batch_size):

@@ -2,15 +2,14 @@
 
 import logging
 import math
-import re
 import signal
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from logger import TensorboardWriter
+from base import options
+from logger import TensorboardWriter, progress_bar
 from utils import checkpoint, dist
 from utils.errors import TrainingError
 
@@ -27,51 +26,7 @@ class Interrupted(Exception):
 
 
 class BaseTrainer:
-    # Every trainer key, with its default and meaning (the README's table mirrors this).
-    DEFAULTS = {
-        "epochs": 10,  # passes over the training data
-        "save_dir": "saved/",  # runs go to <save_dir>/<name>/<run_id>/
-        "save_period": 1,  # write checkpoint-epoch<N>.pth every N epochs (0: never)
-        "keep_last": 0,  # keep only the N newest checkpoint-epoch<N>.pth (0: keep all)
-        "save_step": 0,  # also write latest.pth every N optimizer steps (0: at epoch ends only)
-        "verbosity": 2,  # console and log file: 0 warnings, 1 info, 2 debug
-        "monitor": "min val_loss",  # "<min|max> <logged metric>" for model_best.pth and early stop, or "off"
-        "early_stop": 0,  # stop after N epochs without improvement (0: never)
-        "tensorboard": True,  # write TensorBoard event files into the run directory
-        "log_step": 50,  # optimizer steps between console, TensorBoard and progress-bar updates
-        "amp": "off",  # mixed precision: "off", "bf16", or "fp16" (with a grad scaler)
-        "accum_steps": 1,  # micro-batches accumulated per optimizer step
-        "grad_clip": 0.0,  # clip the global grad norm to this value (0: off)
-        "channels_last": False,  # NHWC memory format for model and 4-D inputs
-        "compile": False,  # torch.compile the model
-        "on_nonfinite": "stop",  # NaN/Inf loss: "stop" the run, or "skip" the step (a host sync per step)
-        "tb_images": 0,  # TensorBoard: a grid of input images every N epochs (0: off)
-        "tb_histograms": 0,  # TensorBoard: parameter and gradient histograms every N epochs (0: off)
-    }
-    CHOICES = {"amp": ("off", "bf16", "fp16"), "on_nonfinite": ("stop", "skip")}
-    AT_LEAST_ONE = ("epochs", "log_step", "accum_steps")
-
-    @classmethod
-    def check_options(cls, options: dict, logged_names: list[str]) -> str | None:
-        """The first problem with the trainer options as 'key: message', or None."""
-        for key, choices in cls.CHOICES.items():
-            if options[key] not in choices:
-                return f"{key}: expected one of {', '.join(choices)}, got {options[key]!r}"
-        for key, value in options.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                low = 1 if key in cls.AT_LEAST_ONE else 0
-                if value < low:
-                    return f"{key}: must be >= {low}, got {value!r}"
-        if options["monitor"] != "off":
-            match = re.fullmatch(r"(min|max) (\S+)", options["monitor"])
-            if not match:
-                return f"monitor: expected 'min <metric>', 'max <metric>' or 'off', got {options['monitor']!r}"
-            if match[2] not in logged_names:
-                from utils.config import suggest
-
-                return (f"monitor: '{match[2]}' is never logged{suggest(match[2], logged_names)}; "
-                        f"logged: {', '.join(logged_names)}")
-        return None
+    DEFAULTS = options.DEFAULTS  # the trainer keys a config may set (base/options.py)
 
     def __init__(self, model, criterion, metric_fns: dict, optimizer, config, device: torch.device,
                  run_dir: Path, lr_scheduler=None):
@@ -90,11 +45,16 @@ class BaseTrainer:
         self.monitor_best = {"min": math.inf, "max": -math.inf}.get(self.monitor_mode, math.nan)
         self.not_improved_count = 0
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0  # completed epochs; batches into the next
-        self.tracker_state = None  # the interrupted epoch's running sums, on a mid-epoch resume
         self._signal = None
         self.writer = None  # TensorBoard, opened in train(): resume must set the global step first
 
     # ---- run state: save and load walk the same dict ---------------------------------------------
+    def stateful(self) -> dict:
+        """The objects whose `state_dict()` is part of the run state, by checkpoint key (None: absent).
+        A subclass adds its own (a stateful loss, a second model) by extending this dict."""
+        return {"model": self.model, "optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler,
+                "scaler": self.scaler}
+
     def state_dict(self) -> dict:
         return {
             "version": checkpoint.VERSION,
@@ -102,27 +62,22 @@ class BaseTrainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-            "scaler": self.scaler.state_dict(),
+            **{key: None if obj is None else obj.state_dict() for key, obj in self.stateful().items()},
             "monitor_best": self.monitor_best,
             "not_improved_count": self.not_improved_count,
-            "train_tracker": self.train_metrics.state_dict() if self.batch_in_epoch else None,
             "rng": dist.gather_objects(checkpoint.rng_state()),  # one entry per rank
             "config": self.config.config,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.lr_scheduler and state["lr_scheduler"]:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.scaler.load_state_dict(state["scaler"]) if state["scaler"] else None
+        """The inverse of `state_dict`. An entry the checkpoint lacks is a KeyError; one it saved empty
+        (a scheduler or an fp16 scaler added since) keeps its fresh state."""
+        for key, obj in self.stateful().items():
+            if obj is not None and state[key]:
+                obj.load_state_dict(state[key])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step = state["global_step"]
         self.monitor_best, self.not_improved_count = state["monitor_best"], state["not_improved_count"]
-        self.tracker_state = state["train_tracker"]
         rngs = state["rng"]  # one per rank
         if len(rngs) == dist.world_size():
             checkpoint.set_rng_state(rngs[dist.rank()])
@@ -253,9 +208,4 @@ class BaseTrainer:
         self.writer.scalars({f"epoch/{k}": v for k, v in result.items()}, self.global_step)
 
     def progress_bar(self, epoch: int, total: int, initial: int):
-        """tqdm over samples, for people watching a terminal; off in CI, in files and on ranks > 0."""
-        from tqdm import tqdm
-
-        show = dist.is_main() and self.options["verbosity"] > 0 and sys.stderr.isatty()
-        return tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{self.epochs}", unit="img",
-                    unit_scale=True, dynamic_ncols=True, leave=False, disable=not show)
+        return progress_bar(total, f"epoch {epoch}/{self.epochs}", initial, enabled=self.options["verbosity"] > 0)

@@ -170,10 +170,10 @@ def worker(args) -> None:
 # ---- the driver ----------------------------------------------------------------------------------------
 def worker_env(args) -> dict:
     """--same-allocator: both ways run with the glibc malloc settings train.py sets for CPU runs
-    (utils.cli.keep_freed_memory), so the ratio is the framework's own cost, not its allocator tuning."""
+    (utils.allocator.keep_freed_memory), so the ratio is the framework's own cost, not its allocator tuning."""
     if not args.same_allocator:
         return dict(os.environ)
-    from utils.cli import MALLOC_SETTINGS
+    from utils.allocator import MALLOC_SETTINGS
 
     return {**os.environ, **{name: str(value) for name, value in MALLOC_SETTINGS.items()}}
 

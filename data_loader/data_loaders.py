@@ -35,8 +35,9 @@ class MnistDataLoader(BaseDataLoader):
             dataset = InMemoryImages(images.unsqueeze(1), targets, MNIST_MEAN, MNIST_STD)
         else:
             dataset = self._torchvision_dataset(data_dir, raw, training)
-        super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, pin_memory,
-                         persistent_workers, prefetch_factor, drop_last, seed)
+        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, validation_split=validation_split,
+                         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
+                         prefetch_factor=prefetch_factor, drop_last=drop_last, seed=seed)
 
     @staticmethod
     def _download(data_dir: str, training: bool) -> None:
@@ -109,5 +110,6 @@ class ImageFolderDataLoader(BaseDataLoader):
             dataset = datasets.ImageFolder(str(root), transform=transform, loader=read_rgb_image)
         except (FileNotFoundError, OSError) as e:  # no class folders, or no images in them
             raise UserError(f"{root}: {e}") from None
-        super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, pin_memory,
-                         persistent_workers, prefetch_factor, drop_last, seed)
+        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, validation_split=validation_split,
+                         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
+                         prefetch_factor=prefetch_factor, drop_last=drop_last, seed=seed)

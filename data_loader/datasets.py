@@ -31,6 +31,13 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(shape)
 
 
+def write_idx(path: Path, array: torch.Tensor) -> None:
+    """`array` (uint8) as a gzipped IDX file; byte-identical for the same array (no time stamp)."""
+    header = bytes([0, 0, 0x08, array.dim()]) + struct.pack(f">{array.dim()}I", *array.shape)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(header + array.contiguous().numpy().tobytes())
+
+
 class InMemoryImages(Dataset):
     """uint8 images (N, C, H, W) and integer targets; `get_batch` indexes and normalises a whole batch."""
 

@@ -1,6 +1,10 @@
+"""Console and file logging, and the progress bar: what a person watching a run sees."""
+
 import logging
 import sys
 from pathlib import Path
+
+from utils import dist
 
 LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 
@@ -20,3 +24,20 @@ def setup_logging(log_file: Path | None, verbosity: int = 2, rank: int = 0) -> N
         file = logging.FileHandler(log_file, mode="a")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(file)
+
+
+def log_to_file(message: str) -> None:
+    """Put a closing error in the run's train.log too (the console already has it, on stderr)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.makeLogRecord({"msg": message, "levelno": logging.ERROR, "levelname": "ERROR",
+                                                "name": "train"}))
+
+
+def progress_bar(total: int, desc: str, initial: int = 0, enabled: bool = True):
+    """tqdm over samples, for people watching a terminal; off in CI, in files and on ranks > 0."""
+    from tqdm import tqdm
+
+    show = enabled and dist.is_main() and sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True,
+                leave=False, disable=not show)

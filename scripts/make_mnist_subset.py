@@ -8,30 +8,16 @@ data loader and torchvision.datasets.MNIST look for files.
 """
 
 import argparse
-import gzip
-import struct
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_loader.datasets import read_idx  # noqa: E402
+from data_loader.datasets import find_file, read_idx, write_idx  # noqa: E402
 
 SPLITS = {"train": 10_000, "t10k": 2_000}  # images kept per split; ~2 MB gzipped in all
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-        f.write(header + array.tobytes())
-
-
-def find(src: Path, stem: str) -> Path:
-    for name in (f"{stem}.gz", stem):
-        if (src / name).exists():
-            return src / name
-    raise SystemExit(f"error: {src / stem}[.gz] not found")
 
 
 def main() -> None:
@@ -43,13 +29,15 @@ def main() -> None:
     raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for split, count in SPLITS.items():
-        images = read_idx(find(args.src, f"{split}-images-idx3-ubyte")).numpy()
-        labels = read_idx(find(args.src, f"{split}-labels-idx1-ubyte")).numpy()
+        files = [find_file(args.src, f"{split}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
+        if None in files:
+            raise SystemExit(f"error: the {split} files (*-ubyte[.gz]) are not all in {args.src}")
+        images, labels = (read_idx(f).numpy() for f in files)
         per_class = count // 10
         keep = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in range(10)])
         keep = rng.permutation(keep)
-        write_idx(raw / f"{split}-images-idx3-ubyte.gz", images[keep])
-        write_idx(raw / f"{split}-labels-idx1-ubyte.gz", labels[keep])
+        write_idx(raw / f"{split}-images-idx3-ubyte.gz", torch.from_numpy(images[keep]))
+        write_idx(raw / f"{split}-labels-idx1-ubyte.gz", torch.from_numpy(labels[keep]))
         print(f"{split}: {len(keep)} images -> {raw}")
 
 

@@ -1,10 +1,8 @@
 """Shared test helpers: a tiny real MNIST folder, config files, and running train.py/test.py."""
 
 import copy
-import gzip
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_loader.datasets import read_idx  # noqa: E402
+from data_loader.datasets import read_idx, write_idx  # noqa: E402
 
 BASE_CONFIG = {
     "name": "tiny",
@@ -27,12 +25,6 @@ BASE_CONFIG = {
     "metrics": ["accuracy"],
     "trainer": {"epochs": 2, "save_dir": "", "log_step": 5, "monitor": "min val_loss", "verbosity": 2},
 }
-
-
-def write_idx(path: Path, array) -> None:
-    header = bytes([0, 0, 0x08, array.dim()]) + struct.pack(f">{array.dim()}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.numpy().tobytes())
 
 
 @pytest.fixture(scope="session")

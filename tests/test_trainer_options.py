@@ -34,7 +34,7 @@ def tiny_loader(batch_size: int, n: int = 64) -> BaseDataLoader:
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8, generator=generator)
     targets = torch.randint(0, 3, (n,), generator=generator)
-    return BaseDataLoader(InMemoryImages(images, targets, 0.5, 0.25), batch_size, shuffle=False)
+    return BaseDataLoader(InMemoryImages(images, targets, 0.5, 0.25), batch_size=batch_size, shuffle=False)
 
 
 def make_trainer(tmp_path, options: dict, batch_size: int = 8, lr: float = 0.1, scheduler: dict | None = None,
@@ -260,7 +260,7 @@ TRAINING_STEPS = """
 import resource, sys, torch
 import torch.nn.functional as F
 from model.model import MnistModel
-from utils.cli import keep_freed_memory
+from utils.allocator import keep_freed_memory
 if sys.argv[1] == "keep":
     keep_freed_memory()
 torch.manual_seed(0)
@@ -300,3 +300,21 @@ def test_train_py_keeps_freed_memory_on_cpu(tmp_path, tiny_mnist):
             "train.main(sys.argv[1:]); print('calls', len(calls))")
     out = python(code, "-c", str(make_config(tmp_path, tiny_mnist, {"trainer.epochs": 1})), "-d", "cpu")
     assert out.splitlines()[-1] == "calls 1"
+
+
+def test_a_short_last_accumulation_group_is_averaged_over_its_own_size(tmp_path):
+    """8 batches of 8 with accum_steps 3: groups of 3, 3 and 2 batches. Each step's gradient must be the
+    gradient of the group's samples as one batch (lr 0 keeps the weights, so all are taken at the same point)."""
+    trainer = make_trainer(tmp_path, {"accum_steps": 3}, batch_size=8, lr=0.0)
+    grads, params = [], list(trainer.model.parameters())
+    trainer.optimizer.register_step_pre_hook(lambda *_: grads.append([p.grad.clone() for p in params]))
+    trainer.train()
+    assert len(grads) == 3
+    data_loader = tiny_loader(64)
+    data_loader.set_epoch(1)
+    ((data, target),) = list(data_loader)
+    for step, (start, end) in enumerate([(0, 24), (24, 48), (48, 64)]):
+        trainer.model.zero_grad()
+        F.cross_entropy(trainer.model(data[start:end]), target[start:end]).backward()
+        for accumulated, param in zip(grads[step], trainer.model.parameters()):
+            torch.testing.assert_close(accumulated, param.grad, rtol=1e-5, atol=1e-7)

@@ -28,7 +28,7 @@ def serialize(state: dict) -> bytes:
     return buffer.getvalue()
 
 
-def save_atomic(data: bytes, path: Path) -> None:
+def save_atomic(data: bytes, path: Path, what: str = "checkpoint") -> None:
     """Write `data` to a temporary file in the same folder, fsync, then rename over `path`.
 
     A crash at any moment leaves the old file or the new one, never a truncated one
@@ -50,7 +50,7 @@ def save_atomic(data: bytes, path: Path) -> None:
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise TrainingError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+            raise TrainingError(f"cannot write {what} {path}: {e.strerror or e}") from None
         raise
 
 

@@ -5,7 +5,6 @@ Every mistake is a `UserError` naming the file and the key path.
 """
 
 import copy
-import difflib
 import functools
 import importlib
 import inspect
@@ -19,11 +18,14 @@ from typing import Any
 import torch
 import yaml
 
+from base import options as trainer_options
+from base.base_data_loader import BaseDataLoader
 from utils.errors import UserError
+from utils.suggest import suggest
 
 REQUIRED = object()
 
-# Top-level keys and their defaults. The trainer's own keys live next to it: BaseTrainer.DEFAULTS.
+# Top-level keys and their defaults. The trainer's own keys: base/options.py.
 TOP_LEVEL = {
     "name": REQUIRED,
     "seed": 0,
@@ -58,28 +60,6 @@ INJECTED = {
 
 SCHEDULER_INTERVALS = ("epoch", "step")
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance counting a swap of neighbours as one edit (typos like 'Adma')."""
-    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
-    for i in range(1, len(a) + 1):
-        for j in range(1, len(b) + 1):
-            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
-    return d[-1][-1]
-
-
-def suggest(word: str, options) -> str:
-    """' (did you mean 'x'?)' for the closest option, or '' when nothing is close."""
-    options = [str(o) for o in options]
-    close = difflib.get_close_matches(word, options, n=5, cutoff=0.6)
-    close += [o for o in options if edit_distance(o.lower(), word.lower()) <= max(1, len(word) // 3)]
-    if not close:
-        return ""
-    best = min(close, key=lambda o: (edit_distance(o.lower(), word.lower()), close.index(o)))
-    return f" (did you mean '{best}'?)"
 
 
 def load_file(path: str | Path) -> dict:
@@ -159,15 +139,16 @@ def check_type(value: Any, default: Any, where: str) -> None:
 
 
 def check_keys(given: dict, allowed, where: str) -> None:
-    for key in given:
-        if key not in allowed:
-            raise UserError(f"{where}: unknown key '{key}'{suggest(key, allowed)}; allowed: {', '.join(allowed)}")
+    """Every unknown key of `given` in one message, each with its closest allowed key."""
+    unknown = [f"'{key}'{suggest(str(key), allowed)}" for key in given if key not in allowed]
+    if unknown:
+        keys = "key" if len(unknown) == 1 else "keys"
+        raise UserError(f"{where}: unknown {keys} {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
 
 def with_defaults(raw: dict, source: str) -> dict:
-    """The file's config with every default filled in (the *resolved* config written to the run)."""
-    from base.base_trainer import BaseTrainer  # the trainer's defaults live next to it
-
+    """The file's config with every default filled in (the *resolved* config written to the run).
+    Keys are checked afterwards, by ConfigParser."""
     config = copy.deepcopy(raw)
     check_keys(config, TOP_LEVEL, source)
     for key, default in TOP_LEVEL.items():
@@ -177,8 +158,7 @@ def with_defaults(raw: dict, source: str) -> dict:
             config[key] = copy.deepcopy(default)
     if not isinstance(config["trainer"], dict):
         raise UserError(f"{source}: trainer: expected a mapping, got {config['trainer']!r}")
-    check_keys(config["trainer"], BaseTrainer.DEFAULTS, f"{source}: trainer")
-    config["trainer"] = {**copy.deepcopy(BaseTrainer.DEFAULTS), **config["trainer"]}
+    config["trainer"] = {**copy.deepcopy(trainer_options.DEFAULTS), **config["trainer"]}
     return config
 
 
@@ -210,18 +190,16 @@ class ConfigParser:
 
     # ---- checking -------------------------------------------------------------------------------
     def _check(self) -> None:
-        from base.base_trainer import BaseTrainer
-
         cfg, src = self.config, self.source
         check_keys(cfg, TOP_LEVEL, src)
         for key in ("name", "seed", "deterministic", "device", "metrics", "trainer"):
             check_type(cfg[key], TOP_LEVEL[key], f"{src}: {key}")
         if not cfg["name"] or "/" in cfg["name"]:
             raise UserError(f"{src}: name: must be a non-empty name without '/', got {cfg['name']!r}")
-        check_keys(cfg["trainer"], BaseTrainer.DEFAULTS, f"{src}: trainer")
+        check_keys(cfg["trainer"], trainer_options.DEFAULTS, f"{src}: trainer")
         for key, value in cfg["trainer"].items():
-            check_type(value, BaseTrainer.DEFAULTS[key], f"{src}: trainer.{key}")
-        problem = BaseTrainer.check_options(cfg["trainer"], self.logged_metric_names())
+            check_type(value, trainer_options.DEFAULTS[key], f"{src}: trainer.{key}")
+        problem = trainer_options.check_options(cfg["trainer"], self.logged_metric_names())
         if problem:
             raise UserError(f"{src}: trainer.{problem}")
         for role in ("arch", "data_loader", "optimizer"):
@@ -349,8 +327,6 @@ def is_trusted_module(module_name: str) -> bool:
 
 def _kinds() -> dict[str, tuple[tuple[type, ...], str]]:
     """Per role: the classes an object must be an instance of, and how to name that kind in errors."""
-    from base.base_data_loader import BaseDataLoader
-
     schedulers = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     return {
         "arch": ((torch.nn.Module,), "a model (an nn.Module)"),

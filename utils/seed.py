@@ -1,0 +1,24 @@
+"""Seeds for every random number generator a run uses, and the choice of speed or repeatability."""
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from utils import dist
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch (each rank differently), and choose speed or bitwise repeatability.
+    https://pytorch.org/docs/stable/notes/randomness.html"""
+    seed += dist.rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports torch._inductor: ~2 s
+        torch.use_deterministic_algorithms(deterministic)

@@ -1,0 +1,45 @@
+"""The start train.py and test.py share: their common flags, the config (the user's file, or a
+checkpoint's config as data), the device, the process group under torchrun, and the seeds."""
+
+import argparse
+
+import torch
+
+from utils import dist
+from utils.config import ConfigParser
+from utils.device import select_device
+from utils.seed import seed_everything
+
+# Command-line shortcuts for config keys (train.py has all three, test.py only --bs).
+SHORTCUTS = {"lr": "optimizer.args.lr", "bs": "data_loader.args.batch_size", "epochs": "trainer.epochs"}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="config file (.json, .yaml); with -r, used instead of the checkpoint's")
+    parser.add_argument("-d", "--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's, else auto)")
+    parser.add_argument("--bs", type=int, help=f"shortcut for --set {SHORTCUTS['bs']}=...")
+    parser.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set optimizer.args.lr=0.01 trainer.epochs=3")
+    parser.add_argument("--trust-config", action="store_true",
+                        help="let a checkpoint's config name any importable code (only for files you trust)")
+
+
+def load_config(args: argparse.Namespace, checkpoint_path=None, state: dict | None = None) -> ConfigParser:
+    """The config of `-c` (the user's own code), else the one stored in the checkpoint: someone else's
+    data, which may only name what the project trusts unless --trust-config. The command line wins."""
+    overrides = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items()
+                 if getattr(args, flag, None) is not None]
+    overrides += args.set + ([f"device={args.device}"] if args.device else [])
+    if args.config:
+        return ConfigParser.from_file(args.config, overrides)
+    return ConfigParser.from_dict(state["config"], f"{checkpoint_path} (its config)", overrides,
+                                  restricted=not args.trust_config)
+
+
+def start_process(config: ConfigParser, args: argparse.Namespace) -> torch.device:
+    """Choose the device, join torchrun's process group (if launched by it) and seed every generator."""
+    device = select_device(config["device"], "--device" if args.device else f"{config.source}: device")
+    if dist.launched_by_torchrun():
+        dist.init(device)
+    seed_everything(config["seed"], config["deterministic"])
+    return device
