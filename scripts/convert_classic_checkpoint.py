@@ -241,7 +241,7 @@ def convert(old: dict) -> tuple[dict, list[str]]:
         "monitor_best": float(monitor_best) if isinstance(monitor_best, (int, float)) else None,
         "config": config,
     }
-    return state, notes
+    return {key: value for key, value in state.items() if value is not None}, notes  # absent, not None
 
 
 def main(argv=None) -> int:
