@@ -10,10 +10,12 @@ process evaluates its share of the test set and rank 0 reports the totals.
 import json
 from pathlib import Path
 
+import torch
+
 from logger import progress_bar
 from utils import checkpoint, dist
 from utils.cli import ArgumentParser, run_main
-from utils.startup import add_common_arguments, load_config, start_process
+from utils.startup import add_common_arguments, build_parts, load_config, start_process
 
 
 def parse_args(argv=None):
@@ -33,19 +35,13 @@ def main(argv=None) -> int:
     loader = config.build("data_loader", training=False, shuffle=False, validation_split=0.0,
                           seed=config["seed"]).to(device)
     loader.drop_last = False  # every test sample counts, whatever the training config says
-    model = config.build("arch")
-    checkpoint.load_model_weights(model, state["model"], str(path))
-    model = model.to(device).eval()
-    criterion, metric_fns = config.build_loss(), config.build_metrics()
-
-    from trainer.trainer import evaluate
-
-    def step(data, target):
-        output = model(data)
-        return criterion(output, target), output
-
+    trainer = config.targets["trainer"](config=config, device=device, run_dir=path.parent,
+                                        **build_parts(config, device, loader))
+    checkpoint.load_model_weights(trainer.model, state["model"], str(path))
+    if state.get("criterion") and isinstance(trainer.criterion, torch.nn.Module):  # a loss with state of its own
+        trainer.criterion.load_state_dict(state["criterion"])
     with progress_bar(loader.n_samples, "test") as bar:
-        result = evaluate(step, loader, metric_fns, device, config["trainer"]["amp"], progress=bar)
+        result = trainer.evaluate(loader, progress=bar)  # the trainer's valid_step, as in validation
     if not dist.is_main():
         return 0
     result = {"checkpoint": str(path), "epoch": state["epoch"], "samples": loader.n_samples, **result}

@@ -17,9 +17,9 @@ from logger import setup_logging
 from utils import checkpoint, dist
 from utils.allocator import keep_freed_memory
 from utils.cli import ArgumentParser, run_main
-from utils.config import ConfigParser, diff_configs, load_file
+from utils.config import ConfigParser, diff_configs, is_named, load_file
 from utils.errors import UserError
-from utils.startup import SHORTCUTS, add_common_arguments, load_config, start_process
+from utils.startup import SHORTCUTS, add_common_arguments, build_parts, load_config, start_process
 
 log = logging.getLogger("train")
 
@@ -98,27 +98,14 @@ def new_run_dir(config: ConfigParser) -> Path:
     return Path(run_dir)
 
 
-def build_parts(config: ConfigParser, device: torch.device, finetune: str | None) -> dict:
-    """Every object the config names, as the Trainer's keyword arguments. A mistake stops here, before
-    anything is written."""
-    data_loader = config.build("data_loader", seed=config["seed"]).to(device)
-    model = config.build("arch").to(device)
-    if config["trainer"]["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    if finetune:
-        checkpoint.load_model_weights(model, checkpoint.load(finetune)["model"], f"--finetune {finetune}")
-    optimizer = config.build("optimizer", model.parameters())
-    return {"model": model, "criterion": config.build_loss(), "metric_fns": config.build_metrics(),
-            "optimizer": optimizer, "data_loader": data_loader, "valid_data_loader": data_loader.split_validation(),
-            "lr_scheduler": config.build("lr_scheduler", optimizer) if config["lr_scheduler"] else None}
-
-
 def restore(trainer, resumed: dict, resume_path: Path, config: ConfigParser) -> None:
     try:
         trainer.load_state_dict(resumed)
     except (KeyError, RuntimeError, ValueError) as e:
         raise UserError(f"{resume_path}: does not fit this run: {str(e).strip().splitlines()[0][:200]}") from None
-    apply_optimizer_changes(trainer.optimizer, resumed["config"]["optimizer"], config["optimizer"])
+    saved = resumed["config"]["optimizer"]
+    for name, spec in config.entries("optimizer"):
+        apply_optimizer_changes(trainer.optimizers[name], saved.get(name, {}) if is_named(saved) else saved, spec)
 
 
 def main(argv=None) -> int:
@@ -127,11 +114,10 @@ def main(argv=None) -> int:
     config = load_config(args, resume_path, resumed)
     changes = resume_changes(config, resumed) if resumed else []
     device = start_process(config, args)
-    parts = build_parts(config, device, args.finetune)
-    from trainer.trainer import Trainer
-
+    data_loader = config.build("data_loader", seed=config["seed"]).to(device)
+    parts = build_parts(config, device, data_loader, args.finetune)
     run_dir = resume_path.parent if resumed else new_run_dir(config)
-    trainer = Trainer(config=config, device=device, run_dir=run_dir, **parts)
+    trainer = config.targets["trainer"](config=config, device=device, run_dir=run_dir, **parts)
     if resumed:
         restore(trainer, resumed, resume_path, config)
     if dist.is_main():

@@ -64,6 +64,12 @@ class BaseDataLoader:
         self._sampler = _IndexSampler()
         self._loader = None  # created on first use, kept so persistent workers survive epochs
 
+    @classmethod
+    def has_validation(cls, args: dict) -> bool:
+        """Whether a loader made with these config `args` gives validation data (`split_validation`). The
+        config checker asks, so that `monitor` may name `val_` values; override it if your loader decides."""
+        return bool(args.get("validation_split", 0))
+
     def _split(self, validation_split: float) -> torch.Tensor | None:
         n = len(self.indices)
         if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)):

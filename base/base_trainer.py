@@ -25,19 +25,39 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
+class NamedStates:
+    """Several objects (optimizers, schedulers) whose states are saved as one dict by name."""
+
+    def __init__(self, objects: dict):
+        self.objects = objects
+
+    def state_dict(self) -> dict:
+        return {name: obj.state_dict() for name, obj in self.objects.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state[name])
+
+
 class BaseTrainer:
-    DEFAULTS = options.DEFAULTS  # the trainer keys a config may set (base/options.py)
+    DEFAULTS = options.DEFAULTS  # the trainer keys a config may set; a subclass may add its own
+    LOGGED: tuple[str, ...] = ()  # names a subclass's steps log besides loss and metrics (monitor may name them)
 
     def __init__(self, model, criterion, metric_fns: dict, optimizer, config, device: torch.device,
                  run_dir: Path, lr_scheduler=None):
-        self.config = config
-        self.options = config["trainer"]
+        """`model`, `optimizer` and `lr_scheduler` are one object each, or dicts by name (several models;
+        an optimizer has the name of the model it trains, a scheduler that of its optimizer)."""
+        self.config, self.options = config, config["trainer"]
         self.device, self.run_dir = device, Path(run_dir)
-        self.model = model  # the module whose state is saved; self.forward_model runs the steps
+        self.models = model if isinstance(model, dict) else {"model": model}
+        self.model = torch.nn.ModuleDict(model) if isinstance(model, dict) else model  # what is saved as "model"
+        self.optimizers = optimizer if isinstance(optimizer, dict) else {"model": optimizer}
+        self.lr_schedulers = lr_scheduler if isinstance(lr_scheduler, dict) else {"model": lr_scheduler}
+        self.lr_schedulers = {name: s for name, s in self.lr_schedulers.items() if s is not None}
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler  # as given: one object, or a dict
+        specs = dict(config.entries("lr_scheduler")) if config["lr_scheduler"] else {}
+        self.scheduler_intervals = {name: specs[name].get("interval", "epoch") for name in self.lr_schedulers}
         self.criterion, self.metric_fns = criterion, metric_fns
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        spec = config["lr_scheduler"] or {}
-        self.scheduler_interval = spec.get("interval", "epoch")
         self.epochs, self.log_step = self.options["epochs"], self.options["log_step"]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.options["amp"] == "fp16")
 
@@ -51,14 +71,18 @@ class BaseTrainer:
     # ---- run state: save and load walk the same dict ---------------------------------------------
     def stateful(self) -> dict:
         """The objects whose `state_dict()` is part of the run state, by checkpoint key (None: absent).
-        A subclass adds its own (a stateful loss, a second model) by extending this dict."""
-        return {"model": self.model, "optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler,
-                "scaler": self.scaler}
+        A subclass adds its own (a sampler, an EMA of the weights) by extending this dict."""
+        def named(obj):
+            return NamedStates(obj) if isinstance(obj, dict) else obj
+
+        criterion = self.criterion if isinstance(self.criterion, torch.nn.Module) else None  # e.g. a loss's history
+        return {"model": self.model, "optimizer": named(self.optimizer), "lr_scheduler": named(self.lr_scheduler),
+                "scaler": self.scaler, "criterion": criterion}
 
     def state_dict(self) -> dict:
         return {
             "version": checkpoint.VERSION,
-            "arch": self.config["arch"]["type"],
+            "arch": ", ".join(spec["type"] for _, spec in self.config.entries("arch")),
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
@@ -70,10 +94,10 @@ class BaseTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """The inverse of `state_dict`. An entry the checkpoint lacks is a KeyError; one it saved empty
-        (a scheduler or an fp16 scaler added since) keeps its fresh state."""
+        """The inverse of `state_dict`. A checkpoint without the model or optimizer is a KeyError; another
+        entry it lacks or saved empty (a scheduler or an fp16 scaler added since) keeps its fresh state."""
         for key, obj in self.stateful().items():
-            if obj is not None and state[key]:
+            if obj is not None and (key in ("model", "optimizer") or state.get(key)):
                 obj.load_state_dict(state[key])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step = state["global_step"]
@@ -100,15 +124,7 @@ class BaseTrainer:
         result = {}
         try:
             for epoch in range(self.epoch + 1, self.epochs + 1):
-                started = time.perf_counter()
-                result = self._train_epoch(epoch)
-                result.update(self._valid_epoch(epoch))
-                self.epoch, self.batch_in_epoch = epoch, 0
-                self._step_scheduler_on_epoch(result)
-                result["lr"] = self.optimizer.param_groups[0]["lr"]
-                self._log_epoch(epoch, result, time.perf_counter() - started)
-                improved, stop = self._monitor(result)
-                self._save_epoch(epoch, improved)
+                result, stop = self._run_epoch(epoch)
                 if dist.broadcast_flag(stop, self.device):
                     log.info("Early stop: '%s' did not improve for %d epochs", self.monitor_key,
                              self.not_improved_count)
@@ -122,6 +138,21 @@ class BaseTrainer:
                 signal.signal(sig, handler)
             self.writer.close()
         return result
+
+    def _run_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
+        """Train, maybe validate, step the schedulers, log, monitor, save: (results, early stop)."""
+        started = time.perf_counter()
+        result = self._train_epoch(epoch)
+        validated = epoch % self.options["valid_period"] == 0 or epoch == self.epochs
+        if validated:
+            result.update(self._valid_epoch(epoch))
+        self.epoch, self.batch_in_epoch = epoch, 0
+        self._step_schedulers_on_epoch(result)
+        result.update(self.learning_rates())
+        self._log_epoch(epoch, result, time.perf_counter() - started)
+        improved, stop = self._monitor(result, validated)
+        self._save_epoch(epoch, improved)
+        return result, stop
 
     def _on_signal(self, signum: int, frame) -> None:
         if self._signal is not None:  # the second Ctrl-C: stop now (temporary files are removed)
@@ -141,18 +172,31 @@ class BaseTrainer:
         path = self._save(["latest.pth"])
         raise Interrupted(self._signal or signal.SIGTERM, path)
 
-    def _step_scheduler_on_epoch(self, result: dict) -> None:
-        if self.lr_scheduler is None or self.scheduler_interval != "epoch":
-            return
-        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.lr_scheduler.step(result[self.monitor_key])
-        else:
-            self.lr_scheduler.step()
+    def learning_rates(self) -> dict[str, float]:
+        """{'lr': ...} for one optimizer, {'lr_<name>': ...} for several (their first parameter group's)."""
+        if len(self.optimizers) == 1:
+            return {"lr": next(iter(self.optimizers.values())).param_groups[0]["lr"]}
+        return {f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
 
-    def _monitor(self, result: dict) -> tuple[bool, bool]:
-        """(improved, early stop). A non-finite value never counts as an improvement."""
-        if self.monitor_mode == "off":
+    def _step_schedulers_on_epoch(self, result: dict) -> None:
+        """Epoch schedulers step once an epoch; ReduceLROnPlateau with the monitored value, when there is one."""
+        for name, scheduler in self.lr_schedulers.items():
+            if self.scheduler_intervals[name] != "epoch":
+                continue
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if self.monitor_key in result:  # not on an epoch without validation (valid_period)
+                    scheduler.step(result[self.monitor_key])
+            else:
+                scheduler.step()
+
+    def _monitor(self, result: dict, validated: bool) -> tuple[bool, bool]:
+        """(improved, early stop). A non-finite value never counts as an improvement; an epoch that did not
+        validate (valid_period) counts neither way for a val_ metric."""
+        if self.monitor_mode == "off" or (self.monitor_key.startswith("val_") and not validated):
             return False, False
+        if self.monitor_key not in result:
+            raise TrainingError(f"trainer.monitor: '{self.monitor_key}' was not logged in epoch {self.epoch}; "
+                                f"logged: {', '.join(result)}")
         value = result[self.monitor_key]
         better = value < self.monitor_best if self.monitor_mode == "min" else value > self.monitor_best
         if math.isfinite(value) and better:

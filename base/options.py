@@ -7,7 +7,10 @@ from utils.suggest import suggest
 
 # Every trainer key, with its default and meaning (the README's table mirrors this).
 DEFAULTS = {
-    "epochs": 10,  # passes over the training data
+    "type": "Trainer",  # the trainer class: a class in trainer/, or a dotted path (a subclass of BaseTrainer)
+    "epochs": 10,  # passes over the training data (or len_epoch batches each)
+    "len_epoch": 0,  # batches per epoch, drawn from an endless stream of passes (0: one pass per epoch)
+    "valid_period": 1,  # validate every N epochs (and after the last)
     "save_dir": "saved/",  # runs go to <save_dir>/<name>/<run_id>/
     "save_period": 1,  # write checkpoint-epoch<N>.pth every N epochs (0: never)
     "keep_last": 0,  # keep only the N newest checkpoint-epoch<N>.pth (0: keep all)
@@ -27,7 +30,7 @@ DEFAULTS = {
     "tb_histograms": 0,  # TensorBoard: parameter and gradient histograms every N epochs (0: off)
 }
 CHOICES = {"amp": ("off", "bf16", "fp16"), "on_nonfinite": ("stop", "skip")}
-AT_LEAST_ONE = ("epochs", "log_step", "accum_steps")
+AT_LEAST_ONE = ("epochs", "log_step", "accum_steps", "valid_period")
 
 
 def check_options(options: dict, logged_names: list[str]) -> str | None:

@@ -15,14 +15,16 @@ class MnistDataLoader(BaseDataLoader):
     in_memory: decode once into a uint8 tensor on the training device and take batches by index
     (fast); false: torchvision.datasets.MNIST with per-sample transforms in DataLoader workers
     (the path to add augmentation to). training: false gives the official test split.
+    normalize: true standardises pixels with MNIST's mean and std; false keeps them in [0, 1] (GANs, VAEs).
     download: fetch the files with torchvision when they are missing (needs a network).
     """
 
     def __init__(self, data_dir: str, batch_size: int = 128, shuffle: bool = True, validation_split: float = 0.0,
                  num_workers: int = 0, training: bool = True, in_memory: bool = True, download: bool = False,
                  pin_memory: bool = True, persistent_workers: bool = False, prefetch_factor: int = 2,
-                 drop_last: bool = False, seed: int = 0):
+                 drop_last: bool = False, seed: int = 0, normalize: bool = True):
         raw = Path(data_dir) / "MNIST" / "raw"
+        mean, std = (MNIST_MEAN, MNIST_STD) if normalize else (0.0, 1.0)
         files = [find_file(raw, name) for name in MNIST_FILES[training]]
         if None in files and download:
             self._download(data_dir, training)
@@ -32,9 +34,9 @@ class MnistDataLoader(BaseDataLoader):
             raise UserError(f"MNIST files not found: put {missing} in {raw}/ (or set download: true when online)")
         if in_memory:
             images, targets = (read_idx(f) for f in files)
-            dataset = InMemoryImages(images.unsqueeze(1), targets, MNIST_MEAN, MNIST_STD)
+            dataset = InMemoryImages(images.unsqueeze(1), targets, mean, std)
         else:
-            dataset = self._torchvision_dataset(data_dir, raw, training)
+            dataset = self._torchvision_dataset(data_dir, raw, training, mean, std)
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, validation_split=validation_split,
                          num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
                          prefetch_factor=prefetch_factor, drop_last=drop_last, seed=seed)
@@ -50,7 +52,7 @@ class MnistDataLoader(BaseDataLoader):
             raise UserError(f"could not download MNIST ({type(e).__name__}); put the files in {raw}/") from None
 
     @staticmethod
-    def _torchvision_dataset(data_dir: str, raw: Path, training: bool):
+    def _torchvision_dataset(data_dir: str, raw: Path, training: bool, mean: float, std: float):
         import gzip
         import shutil
 
@@ -61,7 +63,7 @@ class MnistDataLoader(BaseDataLoader):
             if file is not None and file.suffix == ".gz" and not file.with_suffix("").exists():
                 with gzip.open(file, "rb") as src, open(file.with_suffix(""), "wb") as dst:
                     shutil.copyfileobj(src, dst)
-        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
         try:
             return datasets.MNIST(data_dir, train=training, transform=transform)
         except RuntimeError:

@@ -162,14 +162,14 @@ def test_trainer_subclass_overrides_the_steps(tmp_path, tiny_mnist):
 
         train_calls = valid_calls = 0
 
-        def train_step(self, data, target):
+        def train_step(self, batch):
             self.train_calls += 1
-            loss, output = super().train_step(data, target)
-            return loss * 0, output
+            result = super().train_step(batch)
+            return {**result, "loss": result["loss"] * 0}
 
-        def valid_step(self, data, target):
+        def valid_step(self, batch):
             self.valid_calls += 1
-            return super().valid_step(data, target)
+            return super().valid_step(batch)
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

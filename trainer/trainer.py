@@ -1,31 +1,79 @@
-"""One epoch of training and evaluation. Subclass Trainer and override `train_step`/`valid_step`
-to change what a step computes; the loop stays this one."""
+"""One epoch of training and evaluation. Subclass Trainer and override `train_step`/`valid_step` to change
+what a step computes (README: "Custom training steps"); the loop stays this one."""
 
 import contextlib
+import inspect
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 from base import BaseTrainer
 from utils import dist
-from utils.errors import TrainingError
+from utils.errors import TrainingError, UserError
 
 log = logging.getLogger("train")
+NOT_LOGGED = ("output", "target")  # what a step returns for the metrics, not as a value of its own
+
+
+def to_device(batch, device: torch.device, memory_format=torch.preserve_format):
+    """A batch of any structure (tensor, tuple, list, dict, nested) with every tensor on `device`; 4-D
+    tensors in `memory_format` (channels_last)."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 4 and memory_format is not torch.preserve_format:
+            return batch.to(device, non_blocking=True, memory_format=memory_format)
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device, memory_format) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(value, device, memory_format) for value in batch)
+    return batch
+
+
+def first_tensor(batch) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    return next((t for t in map(first_tensor, values) if t is not None), None)
+
+
+def samples_in(result: Mapping, batch) -> int:
+    """How many samples a step's values average over: the target's, else the batch's first tensor's."""
+    target = result.get("target")
+    tensor = target if isinstance(target, torch.Tensor) and target.dim() else first_tensor(batch)
+    return tensor.shape[0] if tensor is not None and tensor.dim() else 1
+
+
+def data_and_target(batch, step: str) -> tuple:
+    """The default steps' reading of a batch: (data, target, ...) or {'data': ..., 'target': ...}."""
+    try:
+        return (batch["data"], batch["target"]) if isinstance(batch, Mapping) else (batch[0], batch[1])
+    except (KeyError, IndexError, TypeError):
+        shape = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise UserError(f"{step} reads batches as (data, target, ...) or {{'data', 'target'}}, got {shape}: "
+                        "override train_step and valid_step for other batches") from None
+
+
+def describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {str(value)[:60]!r}"
 
 
 class MetricTracker:
-    """Sample-weighted sums of the loss and metrics, kept on the device, and the losses of the batches
-    since the last NaN/Inf check. `result()` is the only host sync; under DDP it sums over ranks, so
-    every rank sees the global average."""
+    """Sample-weighted sums, on the device, of what steps return: 'loss', the other scalar values, and each
+    metric of (output, target); and the losses of the batches since the last NaN/Inf check. The names are
+    fixed by the first batch, which is checked. `result()` is the only host sync; under DDP it sums over
+    ranks, so every rank sees the global average."""
 
-    def __init__(self, metric_fns: dict[str, Callable], device: torch.device):
-        self.names = ["loss", *metric_fns]
-        self.metric_fns, self.device = metric_fns, device
+    def __init__(self, metric_fns: dict[str, Callable], device: torch.device, step: str = "step"):
+        self.metric_fns, self.device, self.step = metric_fns, device, step
+        self.names: list[str] | None = None
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(len(self.names), device=self.device)
+        self.sums = torch.zeros(len(self.names or ()), device=self.device)
         self.count = 0  # samples, known on the host: no sync
         self.mark(0)
 
@@ -34,12 +82,35 @@ class MetricTracker:
         self.losses, self.losses_from = [], batch
         self.logged = (self.sums.clone(), self.count)
 
-    def update(self, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> None:
-        n = target.shape[0]
-        values = torch.stack([loss.float(), *(fn(output, target).float() for fn in self.metric_fns.values())])
-        self.sums.add_(values, alpha=n)
+    def start(self, result) -> None:
+        """Fix the names from a step's first result, checking that it is a mapping of scalar tensors."""
+        if not isinstance(result, Mapping) or not isinstance(result.get("loss"), torch.Tensor):
+            raise UserError(f"{self.step} returned {describe(result)}: expected a mapping with a 'loss' tensor "
+                            "(and optionally 'output', 'target' and other scalar tensors to log)")
+        values = {key: value for key, value in result.items() if key not in NOT_LOGGED}
+        if self.metric_fns and not {"output", "target"} <= result.keys():
+            raise UserError(f"{self.step} returned no 'output' and 'target' for the metrics {list(self.metric_fns)}")
+        with torch.no_grad():
+            values.update({name: fn(result["output"], result["target"]) for name, fn in self.metric_fns.items()})
+        for name, value in values.items():
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                who = f"metric '{name}'" if name in self.metric_fns else f"{self.step}['{name}']"
+                raise UserError(f"{who} returned {describe(value)}, not a scalar tensor (keep it a tensor: no .item())")
+        self.keys = ["loss", *(key for key in values if key != "loss" and key not in self.metric_fns)]
+        self.names = [*self.keys, *self.metric_fns]
+        self.sums = torch.zeros(len(self.names), device=self.device)
+        self.logged = (self.sums.clone(), self.count)
+
+    def update(self, result: Mapping, n: int) -> None:
+        if self.names is None:
+            self.start(result)
+        values = [result[key].detach().float() for key in self.keys]
+        if self.metric_fns:
+            with torch.no_grad():
+                values += [fn(result["output"], result["target"]).float() for fn in self.metric_fns.values()]
+        self.sums.add_(torch.stack(values), alpha=n)
         self.count += n
-        self.losses.append(loss)
+        self.losses.append(values[0])
 
     def result(self, reduce: bool = True, since: tuple | None = None) -> dict[str, float]:
         """Averages since the last reset (or since `since`, an earlier (sums, count)), summed over ranks if `reduce`."""
@@ -50,7 +121,7 @@ class MetricTracker:
         if reduce:
             totals = dist.all_reduce_sum(totals.clone())
         values = (totals[:-1] / totals[-1].clamp(min=1)).tolist()
-        return dict(zip(self.names, values))
+        return dict(zip(self.names or (), values))
 
     def interval_result(self) -> dict[str, float]:
         """This rank's averages since the previous call (the log interval)."""
@@ -63,17 +134,20 @@ class MetricTracker:
             return None
         bad = torch.nonzero(~torch.isfinite(torch.stack(self.losses))).flatten().tolist()
         first = self.losses_from + bad[0] if bad else None
-        self.mark(self.losses_from + len(self.losses))
+        self.losses, self.losses_from = [], self.losses_from + len(self.losses)
         return first
 
     def state_dict(self) -> dict:
         """The sums of every rank added up (under DDP every rank must call this, as for a checkpoint)."""
         sums = dist.all_reduce_sum(self.sums.clone())
         count = int(dist.all_reduce_sum(torch.tensor(self.count, device=self.device)))
-        return {"sums": sums, "count": count}
+        return {"names": self.names, "sums": sums, "count": count}
 
     def load_state_dict(self, state: dict) -> None:
-        """Rank 0 takes the saved totals and the other ranks keep zeros, so `result()` counts them once."""
+        """Rank 0 takes the saved totals and the other ranks zeros, so `result()` counts them once."""
+        self.names = state.get("names") or ["loss", *self.metric_fns]  # checkpoints before names were saved
+        self.keys = self.names[: len(self.names) - len(self.metric_fns)]
+        self.reset()
         if dist.is_main():
             self.sums, self.count = state["sums"].to(self.device), state["count"]
 
@@ -84,73 +158,102 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-@torch.no_grad()
-def evaluate(step: Callable, loader, metric_fns: dict[str, Callable], device: torch.device, amp: str = "off",
-             progress=None) -> dict[str, float]:
-    """Loss and metrics of `step(data, target) -> (loss, output)` over `loader`, sample-weighted and
-    reduced over ranks. Validation and test.py both use this."""
-    tracker = MetricTracker(metric_fns, device)
-    for data, target in loader:
-        data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with autocast(device, amp):
-            loss, output = step(data, target)
-        tracker.update(loss, output, target)
-        if progress is not None:
-            progress.update(target.shape[0])
-    return tracker.result()
-
-
 class Trainer(BaseTrainer):
+    """Supervised training: batches of (data, target), one model, one optimizer, by default. A subclass
+    changes `train_step`/`valid_step`; with several models its train_step calls `optimize` per optimizer."""
+
     def __init__(self, model, criterion, metric_fns, optimizer, config, device, run_dir, data_loader,
                  valid_data_loader=None, lr_scheduler=None):
         super().__init__(model, criterion, metric_fns, optimizer, config, device, run_dir, lr_scheduler)
+        self._check_overrides()
         self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
-        self.train_metrics = MetricTracker(metric_fns, device)
+        self.train_metrics = MetricTracker(metric_fns, device, f"{type(self).__name__}.train_step")
         self.accum_steps, self.grad_clip = self.options["accum_steps"], self.options["grad_clip"]
         self.memory_format = torch.channels_last if self.options["channels_last"] else torch.preserve_format
-        self.forward_model = model  # what steps call: may be compiled and/or wrapped in DDP
+        self.params = {name: [p for group in opt.param_groups for p in group["params"]]
+                       for name, opt in self.optimizers.items()}
+        self.forward_models = {name: self._wrap(m) for name, m in self.models.items()}  # what steps call
+        self.forward_model = next(iter(self.forward_models.values()))
+        self._stepping, self._group, self._optimized, self._skipped = True, 1, False, False
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as the training steps call it: compiled and/or in DDP (its state is saved unwrapped)."""
         if self.options["compile"]:
-            self.forward_model = torch.compile(self.forward_model)
-        if dist.is_distributed():
-            ids = [device.index] if device.type == "cuda" else None
-            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.forward_model, device_ids=ids)
+            model = torch.compile(model)
+        if dist.is_distributed() and any(p.requires_grad for p in model.parameters()):
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    def _check_overrides(self) -> None:
+        """A subclass written for the old contract, or for the classic template, fails here with the fix."""
+        for name in ("train_step", "valid_step"):
+            if len(inspect.signature(getattr(self, name)).parameters) != 1:
+                raise UserError(f"{type(self).__name__}.{name} must take one argument, the batch, and return a "
+                                "mapping with 'loss' (README: Custom training steps)")
+        if type(self)._train_epoch is not Trainer._train_epoch:
+            raise UserError(f"{type(self).__name__} overrides _train_epoch: the loop validates, steps the schedulers "
+                            "and counts steps for you; override train_step and valid_step instead")
 
     def stateful(self) -> dict:
         return {**super().stateful(), "train_tracker": self.train_metrics}  # an interrupted epoch's running sums
 
-    def train_step(self, data: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward one batch: (loss, output). Override for custom work; backward and step stay in the loop."""
-        output = self.forward_model(data)
-        return self.criterion(output, target), output
+    # ---- the steps: what a subclass overrides --------------------------------------------------------------
+    def train_step(self, batch) -> dict:
+        """Forward one batch: {'loss', 'output', 'target'} plus any scalar tensors to log. The loop then
+        does backward, clipping and the optimizer step (a step that trains several models calls `optimize`)."""
+        data, target = data_and_target(batch, f"{type(self).__name__}.train_step")
+        return self.compute_loss(self.forward_model(data), target)
 
-    def valid_step(self, data: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        output = self.model(data)  # the plain module: no DDP buffer sync in evaluation
-        return self.criterion(output, target), output
+    def valid_step(self, batch) -> dict:
+        data, target = data_and_target(batch, f"{type(self).__name__}.valid_step")
+        return self.compute_loss(self.model(data), target)  # the plain module: no DDP buffer sync in evaluation
 
-    # ---- one epoch: move the batch, step, maybe update the weights, maybe the interval work ----------------
+    def compute_loss(self, output, target) -> dict:
+        """The criterion as a step's result; a criterion that returns a mapping of parts has them logged."""
+        value = self.criterion(output, target)
+        return {**(value if isinstance(value, Mapping) else {"loss": value}), "output": output, "target": target}
+
+    def optimize(self, loss: torch.Tensor, name: str = "model") -> None:
+        """Backward `loss` into the parameters of optimizer `name` (scaled for fp16, averaged over the
+        accumulation group); on the group's last micro-batch also unscale, clip and step it. The loop calls
+        this for a step that did not; zeroing the gradients and the step count stay the loop's."""
+        self._optimized = True
+        if self.options["on_nonfinite"] == "skip" and self._nonfinite(loss):
+            return
+        with torch.autocast(self.device.type, enabled=False):  # backward outside autocast
+            scaled = self.scaler.scale(loss / self._group if self._group > 1 else loss)
+            scaled.backward(inputs=self.params[name] if len(self.optimizers) > 1 else None)
+        if self._stepping:
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizers[name])
+                torch.nn.utils.clip_grad_norm_(self.params[name], self.grad_clip)
+            self.scaler.step(self.optimizers[name])
+
+    # ---- one epoch: move the batch, step, maybe finish the optimizer step, maybe the interval work -----------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
-        skip, n_batches = self._start_epoch(epoch), len(self.data_loader)
+        skip, n_batches = self._start_epoch(epoch)
         batch_size = self.data_loader.batch_size
         bar = self.progress_bar(epoch, n_batches * batch_size, skip * batch_size)
-        for batch_idx, (data, target) in enumerate(self.data_loader.batches(skip), start=skip):
-            data = data.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            target = target.to(self.device, non_blocking=True)
+        for batch_idx, batch in enumerate(self._epoch_batches(epoch, skip), start=skip):
+            batch = to_device(batch, self.device, self.memory_format)
             last = batch_idx + 1 == n_batches
-            stepping = (batch_idx + 1) % self.accum_steps == 0 or last
-            loss, output = self._forward_backward(data, target, stepping, self._group_size(batch_idx, n_batches))
-            if self.options["on_nonfinite"] == "skip" and self._skip_nonfinite(loss, epoch):
+            self._stepping = (batch_idx + 1) % self.accum_steps == 0 or last
+            self._group = min(self.accum_steps, n_batches - batch_idx // self.accum_steps * self.accum_steps)
+            result = self._step(batch, epoch)
+            if result is None:  # on_nonfinite: skip
                 continue
-            self.train_metrics.update(loss.detach(), output.detach(), target)
-            if stepping:
-                self._optimizer_step(histograms=last and self._due(epoch, "tb_histograms"))
+            self.train_metrics.update(result, samples_in(result, batch))
+            if self._stepping:
+                self._finish_step(histograms=last and self._due(epoch, "tb_histograms"))
                 self.batch_in_epoch = batch_idx + 1
                 self._after_step(epoch, bar, last)
         bar.close()
         return self._end_epoch(epoch)
 
-    def _start_epoch(self, epoch: int) -> int:
-        """Prepare the epoch; returns the batches to skip (> 0 only when resuming in the middle of it)."""
-        self.model.train()
+    def _start_epoch(self, epoch: int) -> tuple[int, int]:
+        """Prepare the epoch: (batches to skip, > 0 only when resuming in the middle of it; batches in it)."""
+        self._train_mode(True)
         skip = self.batch_in_epoch
         if not skip:  # a mid-epoch resume restored the running sums (load_state_dict)
             self.train_metrics.reset()
@@ -158,20 +261,61 @@ class Trainer(BaseTrainer):
         self.skipped_steps = 0  # on_nonfinite: skip
         self.data_loader.set_epoch(epoch)
         self._log_images(epoch)
-        return skip
+        return skip, self.options["len_epoch"] or len(self.data_loader)
 
-    def _group_size(self, batch_idx: int, n_batches: int) -> int:
-        """Micro-batches in this batch's accumulation group: accum_steps, or fewer for the epoch's last group."""
-        return min(self.accum_steps, n_batches - batch_idx // self.accum_steps * self.accum_steps)
+    def _epoch_batches(self, epoch: int, skip: int) -> Iterator:
+        """The epoch's batches from number `skip` on: one pass of the loader, or with len_epoch the epoch's
+        stretch of an endless stream of passes (pass p has the loader's order of epoch p + 1)."""
+        loader, len_epoch = self.data_loader, self.options["len_epoch"]
+        if not len_epoch:
+            yield from loader.batches(skip)
+            return
+        position, end, per_pass = (epoch - 1) * len_epoch + skip, epoch * len_epoch, len(loader)
+        while per_pass and position < end:
+            pass_index, start = divmod(position, per_pass)
+            loader.set_epoch(pass_index + 1)
+            for batch in itertools.islice(loader.batches(start), end - position):
+                position += 1
+                yield batch
 
-    def _forward_backward(self, data, target, stepping: bool, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """train_step under autocast, then backward of the loss scaled for fp16 and averaged over the
-        accumulation group (a short last group is averaged over its own size, as in timm)."""
-        with self._grad_sync(stepping):
+    def _step(self, batch, epoch: int) -> Mapping | None:
+        """train_step under autocast, then the loop's own backward unless the step called `optimize`;
+        gradients are all-reduced only on a stepping micro-batch. None: skipped (on_nonfinite: skip)."""
+        self._optimized = self._skipped = False
+        with self._grad_sync(self._stepping):
             with autocast(self.device, self.options["amp"]):
-                loss, output = self.train_step(data, target)
-            self.scaler.scale(loss / group_size if group_size > 1 else loss).backward()
-        return loss, output
+                result = self.train_step(batch)
+            if self.train_metrics.names is None:
+                self.train_metrics.start(result)  # the first batch: a step that returns the wrong kind stops here
+            if not self._optimized:
+                self.optimize(result["loss"])
+        if not self._skipped:
+            return result
+        self._zero_grad()
+        self.skipped_steps += 1
+        log.warning("Skipped a step in epoch %d: loss is NaN or Inf (%d skipped this epoch)", epoch, self.skipped_steps)
+        return None
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        """on_nonfinite: skip. A NaN/Inf loss on any rank drops the step's gradients; all ranks skip together.
+        A host sync per step, by request."""
+        self._skipped = self._skipped or dist.any_flag(not torch.isfinite(loss).item(), self.device)
+        return self._skipped
+
+    def _finish_step(self, histograms: bool) -> None:
+        """After the optimizers stepped: the fp16 scale, histograms, zeroed gradients, per-step schedulers."""
+        self.scaler.update()
+        if histograms:
+            self.writer.histograms(self.model, self.global_step + 1)
+        self._zero_grad()
+        for name, scheduler in self.lr_schedulers.items():
+            if self.scheduler_intervals[name] == "step":
+                scheduler.step()
+        self.global_step += 1
+
+    def _zero_grad(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
 
     def _after_step(self, epoch: int, bar, last: bool) -> None:
         """Every log_step optimizer steps (and at the epoch's end): the NaN/Inf check and the logs; then a
@@ -197,40 +341,43 @@ class Trainer(BaseTrainer):
 
     def _grad_sync(self, stepping: bool):
         """Under DDP, all-reduce gradients only in the micro-batch that steps (no_sync while accumulating)."""
-        if stepping or not isinstance(self.forward_model, torch.nn.parallel.DistributedDataParallel):
-            return contextlib.nullcontext()
-        return self.forward_model.no_sync()
+        stack = contextlib.ExitStack()
+        for model in self.forward_models.values():
+            if not stepping and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                stack.enter_context(model.no_sync())
+        return stack
 
-    def _skip_nonfinite(self, loss: torch.Tensor, epoch: int) -> bool:
-        """on_nonfinite: skip. A NaN/Inf loss on any rank drops the gradients accumulated for this step
-        and stays out of the metrics. A host sync per batch, by request; all ranks skip together."""
-        if not dist.any_flag(not torch.isfinite(loss).item(), self.device):
-            return False
-        self.optimizer.zero_grad(set_to_none=True)
-        self.skipped_steps += 1
-        log.warning("Skipped a step in epoch %d: loss is NaN or Inf (%d skipped this epoch)", epoch, self.skipped_steps)
-        return True
+    def _train_mode(self, training: bool) -> None:
+        """Models and a module loss (which may keep state only while training) in train or eval mode."""
+        self.model.train(training)
+        if isinstance(self.criterion, torch.nn.Module):
+            self.criterion.train(training)
 
-    def _optimizer_step(self, histograms: bool) -> None:
-        if self.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if histograms:
-            self.writer.histograms(self.model, self.global_step + 1)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.lr_scheduler is not None and self.scheduler_interval == "step":
-            self.lr_scheduler.step()
-        self.global_step += 1
+    # ---- evaluation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader, progress=None) -> dict[str, float]:
+        """Sample-weighted averages of what valid_step returns over `loader`, reduced over ranks.
+        Validation and test.py both use this."""
+        self._train_mode(False)
+        tracker = MetricTracker(self.metric_fns, self.device, f"{type(self).__name__}.valid_step")
+        for batch in loader:
+            batch = to_device(batch, self.device)
+            with autocast(self.device, self.options["amp"]):
+                result = self.valid_step(batch)
+            n = samples_in(result, batch)
+            tracker.update(result, n)
+            if progress is not None:
+                progress.update(n)
+        if not dist.any_flag(tracker.names is not None, self.device):
+            raise UserError("the evaluation data is empty: no batch to evaluate")
+        return tracker.result()
 
     def _valid_epoch(self, epoch: int) -> dict[str, float]:
         if self.valid_data_loader is None:
             return {}
-        self.model.eval()
-        result = evaluate(self.valid_step, self.valid_data_loader, self.metric_fns, self.device, self.options["amp"])
-        return {f"val_{k}": v for k, v in result.items()}
+        return {f"val_{k}": v for k, v in self.evaluate(self.valid_data_loader).items()}
 
+    # ---- interval work --------------------------------------------------------------------------------------
     def _check_finite(self, epoch: int) -> None:
         """Stop on a NaN/Inf loss among the batches since the last check: no per-step sync. Nothing is
         saved, so model_best.pth and the last good checkpoint stay as they were. Under DDP every rank stops.
@@ -242,8 +389,7 @@ class Trainer(BaseTrainer):
                                 f"checkpoint in {self.run_dir} is kept (lower the learning rate or clip gradients)")
 
     def _log_progress(self, bar) -> None:
-        values = self.train_metrics.interval_result()
-        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        values = {**self.train_metrics.interval_result(), **self.learning_rates()}
         self.writer.scalars({f"step/{k}": v for k, v in values.items()}, self.global_step)
         bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
         bar.update(min(self.batch_in_epoch * self.data_loader.batch_size, bar.total) - bar.n)
@@ -254,5 +400,6 @@ class Trainer(BaseTrainer):
 
     def _log_images(self, epoch: int) -> None:
         if self._due(epoch, "tb_images"):
-            data, _ = next(self.data_loader.batches())
-            self.writer.image_grid("inputs", data, self.global_step)
+            images = first_tensor(next(self.data_loader.batches(), None))
+            if images is not None and images.dim() == 4:
+                self.writer.image_grid("inputs", images, self.global_step)

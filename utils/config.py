@@ -20,6 +20,7 @@ import yaml
 
 from base import options as trainer_options
 from base.base_data_loader import BaseDataLoader
+from base.base_trainer import BaseTrainer
 from utils.errors import UserError
 from utils.suggest import suggest
 
@@ -49,6 +50,7 @@ ROLE_MODULES = {
     "metrics": ["model.metric"],
     "optimizer": ["torch.optim"],
     "lr_scheduler": ["torch.optim.lr_scheduler"],
+    "trainer": ["trainer.trainer", "trainer.gan", "trainer.vae"],
 }
 
 # Arguments the framework passes itself, so a config need not (and may not always) give them.
@@ -146,9 +148,9 @@ def check_keys(given: dict, allowed, where: str) -> None:
         raise UserError(f"{where}: unknown {keys} {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
 
-def with_defaults(raw: dict, source: str) -> dict:
-    """The file's config with every default filled in (the *resolved* config written to the run).
-    Keys are checked afterwards, by ConfigParser."""
+def with_defaults(raw: dict, source: str, restricted: bool = False) -> dict:
+    """The file's config with every default filled in (the *resolved* config written to the run), the
+    trainer's from its class (`trainer.type`). Keys are checked afterwards, by ConfigParser."""
     config = copy.deepcopy(raw)
     check_keys(config, TOP_LEVEL, source)
     for key, default in TOP_LEVEL.items():
@@ -158,8 +160,21 @@ def with_defaults(raw: dict, source: str) -> dict:
             config[key] = copy.deepcopy(default)
     if not isinstance(config["trainer"], dict):
         raise UserError(f"{source}: trainer: expected a mapping, got {config['trainer']!r}")
-    config["trainer"] = {**copy.deepcopy(trainer_options.DEFAULTS), **config["trainer"]}
+    trainer_type = config["trainer"].get("type", trainer_options.DEFAULTS["type"])
+    defaults = resolve("trainer", str(trainer_type), f"{source}: trainer.type", restricted).DEFAULTS
+    config["trainer"] = {**copy.deepcopy(defaults), **config["trainer"]}
     return config
+
+
+def is_named(spec: Any) -> bool:
+    """`{"generator": {type, args}, "discriminator": {type, args}}`: several named entries of one role."""
+    return (isinstance(spec, dict) and bool(spec) and not {"type", "args", "interval"} & spec.keys()
+            and all(isinstance(v, dict) for v in spec.values()))
+
+
+def specs_of(role: str, spec: Any) -> list[tuple[str, Any]]:
+    """(where, spec) of each entry of a role: one, or one per name."""
+    return [(f"{role}.{name}", entry) for name, entry in spec.items()] if is_named(spec) else [(role, spec)]
 
 
 class ConfigParser:
@@ -180,13 +195,18 @@ class ConfigParser:
     def from_dict(cls, raw: dict, source: str, overrides: list[str] = (), restricted: bool = False) -> "ConfigParser":
         if not isinstance(raw, dict):
             raise UserError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
-        config = with_defaults(raw, source)
+        config = with_defaults(raw, source, restricted)
         for expr in overrides:
             apply_override(config, *parse_override(expr))
         return cls(config, source, restricted)
 
     def __getitem__(self, key: str) -> Any:
         return self.config[key]
+
+    def entries(self, role: str) -> list[tuple[str, Any]]:
+        """(name, spec) of each entry of `role`: ('model', spec) for a single one."""
+        spec = self.config[role]
+        return list(spec.items()) if is_named(spec) else [("model", spec)]
 
     # ---- checking -------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -196,25 +216,49 @@ class ConfigParser:
             check_type(cfg[key], TOP_LEVEL[key], f"{src}: {key}")
         if not cfg["name"] or "/" in cfg["name"]:
             raise UserError(f"{src}: name: must be a non-empty name without '/', got {cfg['name']!r}")
-        check_keys(cfg["trainer"], trainer_options.DEFAULTS, f"{src}: trainer")
-        for key, value in cfg["trainer"].items():
-            check_type(value, trainer_options.DEFAULTS[key], f"{src}: trainer.{key}")
-        problem = trainer_options.check_options(cfg["trainer"], self.logged_metric_names())
-        if problem:
-            raise UserError(f"{src}: trainer.{problem}")
-        for role in ("arch", "data_loader", "optimizer"):
-            self._check_spec(role, cfg[role], role)
-        self._check_spec("loss", cfg["loss"], "loss")
+        self._check_trainer()
+        for role in ("arch", "data_loader", "optimizer", "loss", "lr_scheduler"):
+            for where, spec in specs_of(role, cfg[role]) if cfg[role] is not None else []:
+                self._check_spec(role, spec, where)
         for i, spec in enumerate(cfg["metrics"]):
             self._check_spec("metrics", spec, f"metrics[{i}]")
         if len(set(self.metric_names())) != len(cfg["metrics"]):
             raise UserError(f"{src}: metrics: a metric is listed twice: {self.metric_names()}")
-        if cfg["lr_scheduler"] is not None:
-            self._check_spec("lr_scheduler", cfg["lr_scheduler"], "lr_scheduler")
-            plateau = cfg["lr_scheduler"]["type"].rpartition(".")[2] == "ReduceLROnPlateau"
-            if plateau and (cfg["trainer"]["monitor"] == "off" or cfg["lr_scheduler"].get("interval") == "step"):
-                raise UserError(f"{src}: lr_scheduler: ReduceLROnPlateau steps once per epoch on the monitored "
+        self._check_names()
+        problem = trainer_options.check_options(cfg["trainer"], self.logged_metric_names())
+        if problem:
+            raise UserError(f"{src}: trainer.{problem}")
+        for where, spec in specs_of("lr_scheduler", cfg["lr_scheduler"]) if cfg["lr_scheduler"] else []:
+            plateau = spec["type"].rpartition(".")[2] == "ReduceLROnPlateau"
+            if plateau and (cfg["trainer"]["monitor"] == "off" or spec.get("interval") == "step"):
+                raise UserError(f"{src}: {where}: ReduceLROnPlateau steps once per epoch on the monitored "
                                 "metric: set trainer.monitor and leave interval at 'epoch'")
+
+    def _check_trainer(self) -> None:
+        """The trainer class, then its keys (a subclass may add its own to DEFAULTS) and their kinds."""
+        options, src = self.config["trainer"], self.source
+        check_type(options.get("type"), "", f"{src}: trainer.type")
+        trainer_class = resolve("trainer", options["type"], f"{src}: trainer.type", self.restricted)
+        self.targets["trainer"] = trainer_class
+        check_keys(options, trainer_class.DEFAULTS, f"{src}: trainer")
+        for key, value in options.items():
+            check_type(value, trainer_class.DEFAULTS[key], f"{src}: trainer.{key}")
+
+    def _check_names(self) -> None:
+        """Several models: each optimizer names a model, each scheduler an optimizer (a frozen model may
+        have none). One model: one optimizer and at most one scheduler."""
+        arch, optimizer, scheduler = (self.config[role] for role in ("arch", "optimizer", "lr_scheduler"))
+        pairs = [("optimizer", optimizer, "arch", arch)]
+        if scheduler is not None:
+            pairs.append(("lr_scheduler", scheduler, "optimizer", optimizer))
+        for role, spec, owner_role, owner in pairs:
+            if is_named(spec) != is_named(owner):
+                kind = "a mapping of named entries" if is_named(owner) else "one {type, args} entry"
+                raise UserError(f"{self.source}: {role}: {owner_role} is {kind}, so {role} must be too")
+            unknown = [name for name in spec if is_named(spec) and name not in owner]
+            if unknown:
+                raise UserError(f"{self.source}: {role}.{unknown[0]}: no {owner_role} of that name"
+                                f"{suggest(unknown[0], owner)}; {owner_role}: {', '.join(owner)}")
 
     def _check_spec(self, role: str, spec: Any, where: str) -> None:
         """A `{type, args}` mapping (or, for loss and metrics, just a name) whose args fit the callee."""
@@ -243,17 +287,26 @@ class ConfigParser:
         return [spec if isinstance(spec, str) else spec["type"].rpartition(".")[2] for spec in self.config["metrics"]]
 
     def logged_metric_names(self) -> list[str]:
-        """Every name `monitor` may refer to: loss and metrics, in training and (if any) validation."""
-        names = ["loss", *self.metric_names()]
-        args = self.config["data_loader"].get("args", {}) if isinstance(self.config["data_loader"], dict) else {}
-        has_validation = bool(args.get("validation_split", 0))
+        """Every name `monitor` may refer to: loss, metrics and what the trainer class and the loss say they
+        log (their LOGGED), in training and, if the data loader class says it has some, validation."""
+        extra = [*getattr(self.targets["trainer"], "LOGGED", ()), *getattr(self.targets["loss"], "LOGGED", ())]
+        names = ["loss", *extra, *self.metric_names()]
+        has_validation = getattr(self.targets["data_loader"], "has_validation", BaseDataLoader.has_validation)(
+            self.config["data_loader"].get("args", {}))
         return names + ([f"val_{n}" for n in names] if has_validation else [])
 
     # ---- building -------------------------------------------------------------------------------
     def build(self, role: str, *args: Any, **kwargs: Any) -> Any:
-        """`config[role]` as an object: its `type` called with its `args` and the given arguments."""
+        """`config[role]` as an object: its `type` called with its `args` and the given arguments. Several
+        named entries give a dict of objects by name; an argument that is a dict gives each its own."""
         spec = self.config[role]
-        return self._call(role, spec, role, *args, **kwargs)
+        if not is_named(spec):
+            return self._call(role, spec, role, *args, **kwargs)
+        built = {}
+        for name, entry in spec.items():
+            own_args = [arg[name] if isinstance(arg, dict) else arg for arg in args]
+            built[name] = self._call(role, entry, f"{role}.{name}", *own_args, **kwargs)
+        return built
 
     def build_loss(self) -> Callable:
         return self._callable("loss", self.config["loss"], "loss")
@@ -333,6 +386,7 @@ def _kinds() -> dict[str, tuple[tuple[type, ...], str]]:
         "data_loader": ((BaseDataLoader,), "a data loader (a BaseDataLoader)"),
         "optimizer": ((torch.optim.Optimizer,), "an optimizer (a torch.optim.Optimizer)"),
         "lr_scheduler": (schedulers, "an LR scheduler (a torch.optim.lr_scheduler.LRScheduler)"),
+        "trainer": ((BaseTrainer,), "a trainer (a BaseTrainer)"),
     }
 
 
@@ -354,6 +408,8 @@ def kind_problem(role: str, target: Any) -> str | None:
     bases, kind = _kinds()[role]
     if inspect.isclass(target):
         return None if issubclass(target, bases) else f"is not {kind}"
+    if role == "trainer":
+        return f"is not {kind}"
     return None if inspect.isfunction(target) else f"is not {kind}, nor a function that returns one"
 
 

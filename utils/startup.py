@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from utils import dist
+from utils import checkpoint, dist
 from utils.config import ConfigParser
 from utils.device import select_device
 from utils.seed import seed_everything
@@ -43,3 +43,25 @@ def start_process(config: ConfigParser, args: argparse.Namespace) -> torch.devic
         dist.init(device)
     seed_everything(config["seed"], config["deterministic"])
     return device
+
+
+def build_parts(config: ConfigParser, device: torch.device, data_loader, finetune: str | None = None) -> dict:
+    """The trainer's keyword arguments: the models (on the device), loss, metrics, optimizers, schedulers
+    and the data loaders, all as the config names them. A mistake stops here, before anything is written."""
+    built = config.build("arch")
+    models = built if isinstance(built, dict) else {"model": built}
+    for name, model in models.items():
+        model = model.to(device)
+        models[name] = model.to(memory_format=torch.channels_last) if config["trainer"]["channels_last"] else model
+    model = models if isinstance(built, dict) else models["model"]
+    if finetune:
+        weights = checkpoint.load(finetune)["model"]
+        checkpoint.load_model_weights(torch.nn.ModuleDict(model) if isinstance(model, dict) else model, weights,
+                                      f"--finetune {finetune}")
+    criterion = config.build_loss()
+    optimizer = config.build("optimizer", {n: m.parameters() for n, m in models.items()} if isinstance(built, dict)
+                             else model.parameters())
+    return {"model": model, "criterion": criterion.to(device) if isinstance(criterion, torch.nn.Module) else criterion,
+            "metric_fns": config.build_metrics(), "optimizer": optimizer, "data_loader": data_loader,
+            "valid_data_loader": data_loader.split_validation(),
+            "lr_scheduler": config.build("lr_scheduler", optimizer) if config["lr_scheduler"] else None}
