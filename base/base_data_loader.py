@@ -6,6 +6,8 @@ them. Under torchrun each rank takes every world_size-th sample of that order.
 """
 
 import copy
+import os
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -123,6 +125,20 @@ class BaseDataLoader:
         if self.drop_last:
             indices = indices[: len(indices) // self.batch_size * self.batch_size]
         return indices
+
+    def fingerprint(self) -> dict:
+        """What a resume compares to know the data are the same: the dataset's size and a CRC of its labels,
+        its file list (relative to its root: ImageFolder's `samples`) and this loader's split."""
+        crc = zlib.crc32(self.indices.cpu().numpy().tobytes())
+        labels = getattr(self.dataset, "targets", None)
+        if isinstance(labels, torch.Tensor):
+            crc = zlib.crc32(labels.cpu().numpy().tobytes(), crc)
+        elif labels is not None:
+            crc = zlib.crc32(repr(list(labels)).encode(), crc)
+        root = str(getattr(self.dataset, "root", ""))
+        for path, *_ in getattr(self.dataset, "samples", None) or ():
+            crc = zlib.crc32(os.path.relpath(path, root).encode() if root else str(path).encode(), crc)
+        return {"samples": len(self.dataset), "crc": f"{crc:08x}"}
 
     @property
     def n_samples(self) -> int:

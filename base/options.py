@@ -15,6 +15,7 @@ DEFAULTS = {
     "save_period": 1,  # write checkpoint-epoch<N>.pth every N epochs (0: never)
     "keep_last": 0,  # keep only the N newest checkpoint-epoch<N>.pth (0: keep all)
     "save_step": 0,  # also write latest.pth every N optimizer steps (0: at epoch ends only)
+    "save_minutes": 0.0,  # also write latest.pth when this many minutes passed since the last save (0: off)
     "verbosity": 2,  # console and log file: 0 warnings, 1 info, 2 debug
     "monitor": "min val_loss",  # "<min|max> <logged metric>" for model_best.pth and early stop, or "off"
     "early_stop": 0,  # stop after N epochs without improvement (0: never)

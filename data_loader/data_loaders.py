@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from base import BaseDataLoader
-from data_loader.datasets import MNIST_FILES, InMemoryImages, find_file, read_idx
+from data_loader.datasets import MNIST_FILES, InMemoryImages, find_file, read_images_and_labels
 from utils.errors import UserError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -33,7 +33,7 @@ class MnistDataLoader(BaseDataLoader):
             missing = ", ".join(f"{n}.gz" for n, f in zip(MNIST_FILES[training], files) if f is None)
             raise UserError(f"MNIST files not found: put {missing} in {raw}/ (or set download: true when online)")
         if in_memory:
-            images, targets = (read_idx(f) for f in files)
+            images, targets = read_images_and_labels(*files)
             dataset = InMemoryImages(images.unsqueeze(1), targets, mean, std)
         else:
             dataset = self._torchvision_dataset(data_dir, raw, training, mean, std)

@@ -174,7 +174,7 @@ def test_trainer_subclass_overrides_the_steps(tmp_path, tiny_mnist):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     trainer = FrozenTrainer(model, config.build_loss(), config.build_metrics(), optimizer, config,
-                            torch.device("cpu"), run_dir, data_loader, valid_data_loader)
+                            torch.device("cpu"), data_loader, valid_data_loader, run_dir=run_dir)
     result = trainer.train()
 
     assert trainer.train_calls == trainer.global_step == len(data_loader)
