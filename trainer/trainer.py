@@ -198,6 +198,10 @@ class Trainer(BaseTrainer):
     def stateful(self) -> dict:
         return {**super().stateful(), "train_tracker": self.train_metrics}  # an interrupted epoch's running sums
 
+    def state_dict(self) -> dict:
+        """The run state, and the class names of the outputs (for predict.py; [] when the data has none)."""
+        return {**super().state_dict(), "classes": list(getattr(self.data_loader, "classes", []))}
+
     # ---- the steps: what a subclass overrides --------------------------------------------------------------
     def train_step(self, batch) -> dict:
         """Forward one batch: {'loss', 'output', 'target'} plus any scalar tensors to log. The loop then
