@@ -1,12 +1,7 @@
-"""Predict classes with a checkpoint: for image files and folders, or for the data loader's test split.
+"""Predict classes with a checkpoint, for image files and folders or for the data loader's test split.
 
-    python predict.py -r saved/mnist/<run_id>/model_best.pth digits/ seven.png   # your own images
-    python predict.py -r saved/mnist/<run_id>/model_best.pth                     # the test split
-
-Images are read as the model's data loader read them in training (its `image_reader`). The CSV has a row
-per input: its path (or index in the test split, with the true class), the predicted class, its
-probability and the top-k classes as `name:probability;...`. It goes next to the checkpoint as
-<checkpoint>-predictions.csv, or to -o.
+    python predict.py -r saved/mnist/<run_id>/model_best.pth digits/ seven.png   # path, class, probability, topk
+    python predict.py -r saved/mnist/<run_id>/model_best.pth                     # the test split: index, target, ...
 """
 
 import csv
@@ -15,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from data_loader.data_loaders import image_files
 from logger import progress_bar
 from trainer.trainer import data_and_target
 from utils import checkpoint
@@ -46,22 +41,6 @@ def load_model(args) -> tuple[dict, object, torch.device, torch.nn.Module]:
         raise UserError(f"{args.resume}: arch has {len(model)} models ({', '.join(model)}); this script takes one")
     checkpoint.load_model_weights(model, state["model"], args.resume)
     return state, config, device, model.to(device).eval()
-
-
-def image_files(inputs: list[str]) -> list[Path]:
-    """The files given, and the images under the folders given (sorted)."""
-    files = []
-    for name in map(Path, inputs):
-        if name.is_dir():
-            found = sorted(p for p in name.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
-            if not found:
-                raise UserError(f"{name}: no images in this folder ({', '.join(IMG_EXTENSIONS)})")
-            files += found
-        elif name.is_file():
-            files.append(name)
-        else:
-            raise UserError(f"{name}: no such file or folder")
-    return files
 
 
 def batches(args, config, device: torch.device) -> tuple[list, Iterator]:
@@ -98,7 +77,8 @@ def predict(model: torch.nn.Module, stream: Iterator, device: torch.device, k: i
 
 
 def csv_text(keys: list, probs: list, classes: list, labels: list, names: list[str], k: int) -> str:
-    def name(i: int) -> str:  # an older checkpoint has no class names: indices
+    """A row per input; the top-k classes as `name:probability;...`. Without names (an older checkpoint): indices."""
+    def name(i: int) -> str:
         return names[i] if i < len(names) else str(i)
 
     text = io.StringIO()
@@ -117,7 +97,7 @@ def main(argv=None) -> int:
     state, config, device, model = load_model(args)
     keys, stream = batches(args, config, device)
     if not keys:
-        raise UserError(f"{args.resume}: the test split is empty: nothing to predict")
+        raise UserError(f"{args.resume}: its test split is empty: nothing to predict")
     with progress_bar(len(keys), "predict") as bar:
         probs, classes, labels = predict(model, stream, device, args.topk, bar)
     out = Path(args.output or Path(args.resume).with_name(f"{Path(args.resume).stem}-predictions.csv"))

@@ -108,6 +108,24 @@ def read_image(path: str, mode: str = "RGB"):
         raise UserError(f"{path}: cannot read image: {e}") from None
 
 
+def image_files(inputs: list[str]) -> list[Path]:
+    """The files given, and the images under the folders given (sorted): predict.py's inputs."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    files = []
+    for name in map(Path, inputs):
+        if name.is_dir():
+            found = sorted(p for p in name.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+            if not found:
+                raise UserError(f"{name}: no images in this folder ({', '.join(IMG_EXTENSIONS)})")
+            files += found
+        elif name.is_file():
+            files.append(name)
+        else:
+            raise UserError(f"{name}: no such file or folder")
+    return files
+
+
 def image_transform(image_size: int, mean: list | None, std: list | None):
     """Resize to a square, to a tensor in [0, 1], normalise per channel (defaults: ImageNet's mean and std)."""
     from torchvision import transforms

@@ -230,3 +230,26 @@ def test_onnx_without_its_packages_is_one_line(mnist_checkpoint, monkeypatch, ca
     assert stopped.value.code == 2
     assert capsys.readouterr().err == "error: --format onnx needs onnxruntime: pip install -r requirements-export.txt\n"
     assert not list(tmp_path.iterdir())
+
+
+def test_an_export_that_does_not_match_writes_nothing(mnist_checkpoint, monkeypatch, capsys, tmp_path):
+    import export
+
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)  # no file can pass
+    with pytest.raises(SystemExit) as stopped:
+        run_main(lambda: export.main(["-r", str(mnist_checkpoint), "--format", "exported", "-o", str(tmp_path / "m")]))
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.startswith("error: exported: outputs differ from the model's by 0 (> -1.0)")
+    assert not list(tmp_path.iterdir())  # neither the file nor its temporary
+
+
+def test_a_checkpoints_config_is_data_for_predict_too(mnist_checkpoint, capsys, tmp_path):
+    import predict
+
+    state = torch.load(mnist_checkpoint, weights_only=True)
+    state["config"]["arch"]["type"] = "os.system"
+    torch.save(state, tmp_path / "untrusted.pth")
+    with pytest.raises(SystemExit) as stopped:
+        run_main(lambda: predict.main(["-r", str(tmp_path / "untrusted.pth")]))
+    assert stopped.value.code == 2
+    assert "os.system" in capsys.readouterr().err and not (tmp_path / "untrusted-predictions.csv").exists()
