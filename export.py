@@ -71,9 +71,19 @@ def main(argv=None) -> int:
     _, config, device, model = load_model(args)
     loader = config.build("data_loader", training=False, shuffle=False, validation_split=0.0,
                           seed=config["seed"]).to(device)
-    sample = data_and_target(next(iter(loader)), "export.py")[0].to(device)
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise UserError(f"{args.resume}: its test split is empty: no sample batch to trace the model with")
+    sample = data_and_target(batch, "export.py")[0].to(device)
+    with torch.no_grad():
+        output = model(sample)
+    if not isinstance(output, torch.Tensor):
+        raise UserError(f"{config['arch']['type']} returns {type(output).__name__}: export.py takes a model that "
+                        "returns one tensor")
     suffix, write = FORMATS[args.format]
     out = Path(args.output or Path(args.resume).with_suffix(suffix))
+    if not out.parent.is_dir():
+        raise UserError(f"-o {out}: no such folder {out.parent}")
     tmp = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}{suffix}")  # never a half-written or unchecked `out`
     try:
         with torch.no_grad():
