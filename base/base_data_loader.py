@@ -56,6 +56,7 @@ class BaseDataLoader:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.classes = [str(name) for name in getattr(dataset, "classes", ())]  # names of labels 0, 1, ...
         self.drop_last, self.seed = drop_last, seed
         self.loader_options = {"num_workers": num_workers, "pin_memory": pin_memory and torch.cuda.is_available()}
         if num_workers > 0:

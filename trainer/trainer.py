@@ -212,7 +212,10 @@ class Trainer(BaseTrainer):
         return {**super().stateful(), "train_tracker": self.train_metrics}  # an interrupted epoch's running sums
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "data": self.data_fingerprint}  # a resume checks it is the same data
+        """The run state, the data fingerprint (a resume checks it is the same data) and the class names of the
+        outputs (for predict.py; [] when the data have none)."""
+        return {**super().state_dict(), "data": self.data_fingerprint,
+                "classes": list(getattr(self.data_loader, "classes", []))}
 
     def check_first_batches(self) -> None:
         """One training and one validation batch through valid_step and the metrics before the run starts, so
