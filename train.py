@@ -3,18 +3,20 @@
     python train.py -c configs/mnist.json            # a new run
     python train.py -r saved/mnist/<run_id>          # resume a run (its newest checkpoint that loads)
     python train.py -r auto -c configs/mnist.json    # resume the newest run of this config's name
+    python train.py -c configs/mnist.json --folds 5  # k-fold cross-validation (again: skips finished folds)
     torchrun --nproc_per_node=2 train.py -c configs/mnist.json   # DistributedDataParallel
 """
 
 import json
 import logging
+import sys
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from logger import setup_logging
-from utils import checkpoint, dist
+from utils import checkpoint, dist, kfold
 from utils.allocator import keep_freed_memory
 from utils.cli import ArgumentParser, run_main
 from utils.config import ConfigParser, diff_configs, is_named, load_file
@@ -31,7 +33,11 @@ def parse_args(argv=None):
     parser.add_argument("--finetune", metavar="CHECKPOINT", help="start a new run from these model weights only")
     parser.add_argument("--lr", type=float, help=f"shortcut for --set {SHORTCUTS['lr']}=...")
     parser.add_argument("--epochs", type=int, help=f"shortcut for --set {SHORTCUTS['epochs']}=...")
+    parser.add_argument("--folds", type=int, default=0, metavar="K", help="k-fold cross-validation: K runs (0: off)")
+    parser.add_argument("--run-dir", help="train a new run in this existing directory (how --folds places each fold)")
     args = parser.parse_args(argv)
+    if args.folds and (args.folds < 2 or args.resume or not args.config):
+        parser.error("--folds needs K >= 2 and -c, not -r (run the same command again to go on)")
     if not args.config and not args.resume:
         parser.error("give a config (-c) or a checkpoint to resume (-r)")
     if args.resume and args.finetune:
@@ -110,13 +116,15 @@ def restore(trainer, resumed: dict, resume_path: Path, config: ConfigParser) -> 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.folds:
+        return kfold.run_folds(args, sys.argv[1:] if argv is None else list(argv), main, new_run_dir)
     resume_path, resumed = load_resume(args) if args.resume else (None, None)
     config = load_config(args, resume_path, resumed)
     changes = resume_changes(config, resumed) if resumed else []
     device = start_process(config, args)
     data_loader = config.build("data_loader", seed=config["seed"]).to(device)
     parts = build_parts(config, device, data_loader, args.finetune)
-    run_dir = resume_path.parent if resumed else new_run_dir(config)
+    run_dir = resume_path.parent if resumed else Path(args.run_dir) if args.run_dir else new_run_dir(config)
     trainer = config.targets["trainer"](config=config, device=device, run_dir=run_dir, **parts)
     if resumed:
         restore(trainer, resumed, resume_path, config)
