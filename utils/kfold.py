@@ -56,8 +56,11 @@ def find_parent(base: Path, folds: int, shared: dict) -> tuple[Path | None, dict
 
 def fold_result(run_dir: Path, monitor: str) -> dict:
     """A finished fold: its last epoch's values (metrics.csv) and the best monitored value (latest.pth)."""
-    with open(run_dir / "metrics.csv", newline="") as f:
-        last = list(csv.DictReader(f))[-1]
+    try:
+        with open(run_dir / "metrics.csv", newline="") as f:
+            last = list(csv.DictReader(f))[-1]
+    except (OSError, IndexError):
+        raise UserError(f"{run_dir}: no epoch in metrics.csv to take the fold's results from") from None
     values = {key: float(value) for key, value in last.items()
               if value and key not in ("epoch", "global_step") and key != "lr" and not key.startswith("lr_")}
     result = {"run_dir": str(run_dir), "epoch": int(last["epoch"]), "metrics": values}
