@@ -26,7 +26,7 @@ from utils.errors import UserError
 from utils.startup import add_common_arguments, build_parts, load_config, start_process
 
 BETA = 0.98  # the loss's exponential moving average (debiased), as fastai's and Lightning's finders
-DIVERGED = 4.0  # stop when the smoothed loss exceeds this multiple of its minimum
+DIVERGED = 4.0  # stop when the smoothed loss exceeds this multiple of its (positive) minimum
 SKIP_BEGIN, SKIP_END = 10, 1  # points left out of the suggestion (Lightning's defaults): the start is noise
 
 
@@ -75,7 +75,7 @@ def ramp(trainer, steps: int, start: float, end: float) -> list[tuple[float, flo
         average = BETA * average + (1 - BETA) * loss
         smoothed = average / (1 - BETA ** (step + 1))
         rows.append((lr, loss, smoothed))
-        if not math.isfinite(smoothed) or smoothed > DIVERGED * best:
+        if not math.isfinite(smoothed) or 0 < best < smoothed / DIVERGED:  # a minimum <= 0: NaN/Inf only
             break
         best = min(best, smoothed)
     return rows

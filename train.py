@@ -36,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--folds", type=int, default=0, metavar="K", help="k-fold cross-validation: K runs (0: off)")
     parser.add_argument("--run-dir", help="train a new run in this existing directory (how --folds places each fold)")
     args = parser.parse_args(argv)
+    if args.run_dir and (args.resume or not Path(args.run_dir).is_dir() or checkpoint.candidates(Path(args.run_dir))):
+        parser.error("--run-dir needs an existing directory without checkpoints, and no -r (resume a run with -r)")
     if args.folds and (args.folds < 2 or args.resume or not args.config):
         parser.error("--folds needs K >= 2 and -c, not -r (run the same command again to go on)")
     if not args.config and not args.resume:

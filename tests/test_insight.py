@@ -190,3 +190,12 @@ def test_test_py_on_a_fold_checkpoint_uses_every_test_sample(tmp_path, tiny_mnis
     result = run("test.py", "-r", run_dir / "latest.pth")
     assert result.returncode == 0, result.stderr
     assert re.search(r"samples: 256$", result.stdout, re.MULTILINE)
+
+
+def test_run_dir_must_be_an_existing_directory_without_checkpoints(tmp_path, tiny_mnist, reference):
+    config = make_config(tmp_path, tiny_mnist)
+    for run_dir in (reference, tmp_path / "missing"):
+        result = run("train.py", "-c", config, "--run-dir", run_dir)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "--run-dir needs an existing directory without checkpoints" in result.stderr
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "saved").exists()
