@@ -38,8 +38,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.run_dir and (args.resume or not Path(args.run_dir).is_dir() or checkpoint.candidates(Path(args.run_dir))):
         parser.error("--run-dir needs an existing directory without checkpoints, and no -r (resume a run with -r)")
-    if args.folds and (args.folds < 2 or args.resume or not args.config):
-        parser.error("--folds needs K >= 2 and -c, not -r (run the same command again to go on)")
+    if args.folds and (args.folds < 2 or args.resume or args.run_dir or not args.config):
+        parser.error("--folds needs K >= 2 and -c, not -r or --run-dir (run the same command again to go on)")
     if not args.config and not args.resume:
         parser.error("give a config (-c) or a checkpoint to resume (-r)")
     if args.resume and args.finetune:
