@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     config = load_config(args, path, state)
     device = start_process(config, args)
 
-    loader = config.build("data_loader", training=False, shuffle=False, validation_split=0.0,
+    folds = {"folds": 0} if "folds" in config["data_loader"].get("args", {}) else {}  # a k-fold run's: all test data
+    loader = config.build("data_loader", training=False, shuffle=False, validation_split=0.0, **folds,
                           seed=config["seed"]).to(device)
     loader.drop_last = False  # every test sample counts, whatever the training config says
     trainer = config.targets["trainer"](config=config, device=device, run_dir=path.parent,

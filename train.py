@@ -3,19 +3,21 @@
     python train.py -c configs/mnist.json            # a new run
     python train.py -r saved/mnist/<run_id>          # resume a run (its newest checkpoint that loads)
     python train.py -r auto -c configs/mnist.json    # resume the newest run of this config's name
+    python train.py -c configs/mnist.json --folds 5  # k-fold cross-validation (again: skips finished folds)
     torchrun --nproc_per_node=2 train.py -c configs/mnist.json   # DistributedDataParallel
 """
 
 import json
 import logging
 import math
+import sys
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from logger import setup_logging
-from utils import checkpoint, dist
+from utils import checkpoint, dist, kfold
 from utils.allocator import keep_freed_memory
 from utils.cli import ArgumentParser, run_main
 from utils.config import ConfigParser, diff_configs, is_named
@@ -33,7 +35,13 @@ def parse_args(argv=None):
     parser.add_argument("--finetune", metavar="CHECKPOINT", help="start a new run from these model weights only")
     parser.add_argument("--lr", type=float, help=f"shortcut for --set {SHORTCUTS['lr']}=...")
     parser.add_argument("--epochs", type=int, help=f"shortcut for --set {SHORTCUTS['epochs']}=...")
+    parser.add_argument("--folds", type=int, default=0, metavar="K", help="k-fold cross-validation: K runs (0: off)")
+    parser.add_argument("--run-dir", help="train a new run in this existing directory (how --folds places each fold)")
     args = parser.parse_args(argv)
+    if args.run_dir and (args.resume or not Path(args.run_dir).is_dir() or checkpoint.candidates(Path(args.run_dir))):
+        parser.error("--run-dir needs an existing directory without checkpoints, and no -r (resume a run with -r)")
+    if args.folds and (args.folds < 2 or args.resume or args.run_dir or not args.config):
+        parser.error("--folds needs K >= 2 and -c, not -r or --run-dir (run the same command again to go on)")
     if not args.config and not args.resume:
         parser.error("give a config (-c) or a checkpoint to resume (-r)")
     if args.resume and args.finetune:
@@ -154,6 +162,8 @@ def repair_best(run_dir: Path, resume_path: Path, resumed: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.folds:
+        return kfold.run_folds(args, sys.argv[1:] if argv is None else list(argv), main, new_run_dir)
     config = load_config(args) if args.resume == "auto" or not args.resume else None
     resume_path, resumed, run_dir = load_resume(args, config) if args.resume else (None, None, None)
     config = config or load_config(args, resume_path, resumed)
@@ -168,7 +178,7 @@ def main(argv=None) -> int:
             print(f"{resume_path}: nothing to do: {reason} (--epochs N trains further)")
             return 0
     trainer.check_first_batches()  # before anything is written
-    trainer.run_dir = run_dir = run_dir or new_run_dir(config)
+    trainer.run_dir = run_dir = run_dir or (Path(args.run_dir) if args.run_dir else new_run_dir(config))
     lock = claim(run_dir, device)  # noqa: F841 - held until the process ends
     if dist.is_main():
         checkpoint.remove_stale_temporaries(run_dir)

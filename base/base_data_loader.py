@@ -34,6 +34,8 @@ class BaseDataLoader:
     batched by index in this process; any other goes through a torch DataLoader with workers.
 
     validation_split: a fraction (0 < x < 1) or a count of training samples held out for validation.
+    folds, fold: k-fold cross-validation (`train.py --folds K` sets them): validation is part `fold` of
+    `folds` near-equal parts of a seeded order, training the rest; instead of validation_split.
     """
 
     def __init__(
@@ -50,6 +52,8 @@ class BaseDataLoader:
         drop_last: bool = False,
         seed: int = 0,
         indices: torch.Tensor | None = None,
+        folds: int = 0,
+        fold: int = 0,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -62,7 +66,7 @@ class BaseDataLoader:
         if num_workers > 0:
             self.loader_options.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.indices = torch.arange(len(dataset)) if indices is None else indices
-        self.valid_indices = self._split(validation_split)
+        self.valid_indices = self._fold(folds, fold, validation_split) if folds else self._split(validation_split)
         self.epoch = 0
         self._sampler = _IndexSampler()
         self._loader = None  # created on first use, kept so persistent workers survive epochs
@@ -71,7 +75,7 @@ class BaseDataLoader:
     def has_validation(cls, args: dict) -> bool:
         """Whether a loader made with these config `args` gives validation data (`split_validation`). The
         config checker asks, so that `monitor` may name `val_` values; override it if your loader decides."""
-        return bool(args.get("validation_split", 0))
+        return bool(args.get("validation_split", 0)) or bool(args.get("folds", 0))
 
     def _split(self, validation_split: float) -> torch.Tensor | None:
         n = len(self.indices)
@@ -90,6 +94,20 @@ class BaseDataLoader:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         valid = self.indices[order[:n_valid]]
         self.indices = self.indices[order[n_valid:]]
+        return valid
+
+    def _fold(self, folds: int, fold: int, validation_split: float) -> torch.Tensor:
+        """Hold out part `fold` of `folds`; the parts of one seed cover every sample once."""
+        if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= len(self.indices):
+            raise ValueError(f"folds must be an integer from 2 to the number of samples, got {folds!r}")
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+            raise ValueError(f"fold must be an integer from 0 to {folds - 1}, got {fold!r}")
+        if validation_split:
+            raise ValueError("folds and validation_split exclude each other: the fold is the validation data")
+        order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed))
+        parts = list(torch.tensor_split(order, folds))
+        valid = self.indices[parts.pop(fold)]
+        self.indices = self.indices[torch.cat(parts)]
         return valid
 
     def split_validation(self) -> "BaseDataLoader | None":

@@ -11,8 +11,10 @@ import torch
 
 from base import options
 from logger import TensorboardWriter, progress_bar
+from logger.metrics_file import MetricsFile
 from utils import checkpoint, dist
 from utils.errors import TrainingError
+from utils.profiler import start_profiler
 
 log = logging.getLogger("train")
 
@@ -69,6 +71,7 @@ class BaseTrainer:
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0  # completed epochs; batches into the next
         self._signal, self.last_save = None, time.monotonic()
         self.writer = None  # TensorBoard, opened in train(): resume must set the global step first
+        self.metrics_file, self.profiler = None, None  # metrics.csv and trainer.profile, from train()
 
     # ---- run state: save and load walk the same dict ---------------------------------------------
     def stateful(self) -> dict:
@@ -122,6 +125,9 @@ class BaseTrainer:
         # Points up to global_step were logged before the checkpoint was saved: a resume hides only later ones.
         self.writer = TensorboardWriter(self.run_dir / "tensorboard", self.options["tensorboard"] and dist.is_main(),
                                         purge_step=self.global_step + 1 if self.global_step else None)
+        self.metrics_file = MetricsFile(self.run_dir / "metrics.csv", self.epoch, dist.is_main())
+        if dist.is_main():
+            self.profiler = start_profiler(self.options.get("profile"), self.run_dir / "profile", self.device)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         result = {}
         try:
@@ -139,6 +145,8 @@ class BaseTrainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.writer.close()
+            if self.profiler is not None:
+                self.profiler.stop()
         return result
 
     def _run_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
@@ -261,6 +269,7 @@ class BaseTrainer:
         text = "  ".join(f"{k} {v:.6g}" for k, v in result.items())
         log.info("epoch %d/%d  %s  (%.1f s)", epoch, self.epochs, text, seconds)
         self.writer.scalars({f"epoch/{k}": v for k, v in result.items()}, self.global_step)
+        self.metrics_file.write(epoch, self.global_step, result)
 
     def progress_bar(self, epoch: int, total: int, initial: int):
         return progress_bar(total, f"epoch {epoch}/{self.epochs}", initial, enabled=self.options["verbosity"] > 0)

@@ -30,7 +30,7 @@ class MnistDataLoader(BaseDataLoader):
     def __init__(self, data_dir: str, batch_size: int = 128, shuffle: bool = True, validation_split: float = 0.0,
                  num_workers: int = 0, training: bool = True, in_memory: bool = True, download: bool = False,
                  pin_memory: bool = True, persistent_workers: bool = False, prefetch_factor: int = 2,
-                 drop_last: bool = False, seed: int = 0, normalize: bool = True):
+                 drop_last: bool = False, seed: int = 0, normalize: bool = True, folds: int = 0, fold: int = 0):
         raw = Path(data_dir) / "MNIST" / "raw"
         mean, std = (MNIST_MEAN, MNIST_STD) if normalize else (0.0, 1.0)
         files = [find_file(raw, name) for name in MNIST_FILES[training]]
@@ -47,7 +47,7 @@ class MnistDataLoader(BaseDataLoader):
             dataset = self._torchvision_dataset(data_dir, raw, training, mean, std)
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, validation_split=validation_split,
                          num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
-                         prefetch_factor=prefetch_factor, drop_last=drop_last, seed=seed)
+                         prefetch_factor=prefetch_factor, drop_last=drop_last, seed=seed, folds=folds, fold=fold)
         self.classes = [str(digit) for digit in range(10)]
 
     @classmethod
@@ -151,7 +151,8 @@ class ImageFolderDataLoader(BaseDataLoader):
     def __init__(self, data_dir: str, batch_size: int = 32, shuffle: bool = True, validation_split: float = 0.0,
                  num_workers: int = 2, training: bool = True, image_size: int = IMAGE_SIZE,
                  mean: list | None = None, std: list | None = None, pin_memory: bool = True,
-                 persistent_workers: bool = False, prefetch_factor: int = 2, drop_last: bool = False, seed: int = 0):
+                 persistent_workers: bool = False, prefetch_factor: int = 2, drop_last: bool = False, seed: int = 0,
+                 folds: int = 0, fold: int = 0):
         from torchvision import datasets
 
         root = Path(data_dir) / ("train" if training else "test")
@@ -164,7 +165,7 @@ class ImageFolderDataLoader(BaseDataLoader):
             raise UserError(f"{root}: {e}") from None
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, validation_split=validation_split,
                          num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
-                         prefetch_factor=prefetch_factor, drop_last=drop_last, seed=seed)
+                         prefetch_factor=prefetch_factor, drop_last=drop_last, seed=seed, folds=folds, fold=fold)
 
     @classmethod
     def image_reader(cls, args: dict) -> Callable[[str], torch.Tensor]:

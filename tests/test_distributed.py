@@ -124,9 +124,9 @@ def test_two_processes_match_one_with_twice_the_batch(reference):
 
 def test_only_rank_zero_writes(reference):
     run_dir = reference["ddp"]
-    assert {p.name for p in run_dir.iterdir()} == {"config.json", "train.log", "tensorboard", "latest.pth",
-                                                   "model_best.pth", "checkpoint-epoch1.pth", "checkpoint-epoch2.pth",
-                                                   "run.lock"}
+    assert {p.name for p in run_dir.iterdir()} == {"config.json", "train.log", "metrics.csv", "tensorboard",
+                                                   "latest.pth", "model_best.pth", "checkpoint-epoch1.pth",
+                                                   "checkpoint-epoch2.pth", "run.lock"}
     # one writer process: TensorBoard names its files events.out.tfevents.<time>.<host>.<pid>.<n>
     pids = {p.name.split(".")[-2] for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}
     assert len(pids) == 1

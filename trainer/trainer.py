@@ -14,6 +14,7 @@ import torch
 from base import BaseTrainer
 from utils import dist
 from utils.errors import TrainingError, UserError, last_words
+from utils.profiler import profiled
 
 log = logging.getLogger("train")
 NOT_LOGGED = ("output", "target")  # what a step returns for the metrics, not as a value of its own
@@ -272,7 +273,10 @@ class Trainer(BaseTrainer):
         skip, n_batches = self._start_epoch(epoch)
         batch_size = self.data_loader.batch_size
         bar = self.progress_bar(epoch, n_batches * batch_size, skip * batch_size)
-        for batch_idx, batch in enumerate(self._epoch_batches(epoch, skip), start=skip):
+        batches = self._epoch_batches(epoch, skip)
+        if self.profiler is not None:  # trainer.profile: looked for once an epoch, not per step
+            batches = profiled(batches, self.profiler)
+        for batch_idx, batch in enumerate(batches, start=skip):
             batch = to_device(batch, self.device, self.memory_format)
             last = batch_idx + 1 == n_batches
             self._stepping = (batch_idx + 1) % self.accum_steps == 0 or last
