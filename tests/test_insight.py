@@ -174,7 +174,7 @@ def test_k_fold_prints_mean_and_sd_and_a_rerun_skips_finished_folds(tmp_path, ti
     again = run("train.py", "-c", config, "--folds", "3")
     assert again.returncode == 0, again.stderr
     assert "fold 0 finished before, skipped" in again.stdout
-    assert f"Resuming {parent / 'fold_1'}" in again.stdout  # nothing left to train in it
+    assert f"{parent / 'fold_1' / 'latest.pth'}: nothing to do: all 1 epochs are trained" in again.stdout
     assert again.stdout.count("epoch 1/1") == 1  # fold 2 only
     assert json.loads((parent / "folds.json").read_text())["summary"] == summary  # the same folds, the same result
     rerun = run("train.py", "-c", config, "--folds", "3")
