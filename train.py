@@ -33,7 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("-r", "--resume", help="checkpoint file, run directory, or 'auto' (the newest run of -c's "
                         "name, or a new one when it has no checkpoint yet)")
     parser.add_argument("--finetune", metavar="CHECKPOINT", help="start a new run from these model weights only")
-    parser.add_argument("--lr", type=float, help=f"shortcut for --set {SHORTCUTS['lr']}=...")
+    parser.add_argument("--lr", "--learning_rate", type=float, help=f"shortcut for --set {SHORTCUTS['lr']}=...")
     parser.add_argument("--epochs", type=int, help=f"shortcut for --set {SHORTCUTS['epochs']}=...")
     parser.add_argument("--folds", type=int, default=0, metavar="K", help="k-fold cross-validation: K runs (0: off)")
     parser.add_argument("--run-dir", help="train a new run in this existing directory (how --folds places each fold)")
@@ -122,6 +122,10 @@ def new_run_dir(config: ConfigParser) -> Path:
 
 
 def restore(trainer, resumed: dict, resume_path: Path, config: ConfigParser) -> None:
+    missing = [key for key in ("optimizer", "rng", "epoch", "global_step") if key not in resumed]
+    if missing:
+        raise UserError(f"{resume_path}: holds model weights but no run state to resume ({', '.join(missing)}; "
+                        "a converted or exported checkpoint?): use -c CONFIG --finetune it, or test.py -r")
     try:
         trainer.load_state_dict(resumed)
     except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:

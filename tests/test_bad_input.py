@@ -17,14 +17,17 @@ import shutil
 import subprocess
 import sys
 import traceback
+import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
-from conftest import ROOT, make_config, run, run_dirs
+from conftest import BASE_CONFIG, ROOT, make_config, run, run_dirs
 from data_loader.datasets import read_idx, write_idx
+from trainer.trainer import Trainer
 
 # The flaky loss below is named by dotted path in configs, so the processes that train must import this file.
 ENV = {"PYTHONPATH": str(ROOT / "tests")}
@@ -40,6 +43,23 @@ def flaky_nll_loss(output: torch.Tensor, target: torch.Tensor, nan_from: int = -
     if call == nan_grad_at:
         loss = loss + (output.sum() * 0).sqrt()  # value + 0, gradient 0 * inf = NaN
     return loss * float("nan") if nan_from <= call < nan_to else loss
+
+
+def classic_accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
+    """The classic template's metric: a Python float."""
+    return (output.argmax(dim=1) == target).sum().item() / len(target)
+
+
+class ClassicEpochTrainer(Trainer):
+    """A classic template subclass: it trains, validates and steps the scheduler in its own _train_epoch."""
+
+    def _train_epoch(self, epoch):
+        return {}
+
+
+class OldStepTrainer(Trainer):
+    def train_step(self, data, target):
+        return super().train_step((data, target))
 
 
 def flaky_loss(**args) -> dict:
@@ -252,6 +272,45 @@ COMMANDS = {
                               ["{work}/nodata/MNIST/raw/", "t10k-images-idx3-ubyte.gz"]),
 }
 
+# Habits of the classic pytorch-template, each answered with the fix (README: Coming from pytorch-template).
+MIGRATION = {
+    "classic: n_gpu": ({"n_gpu": 1}, ["unknown key 'n_gpu' (the classic template's GPU count: use device (or -d "
+                                      "cuda:0), and torchrun for several GPUs)"]),
+    "classic: a float metric": ({"metrics": ["test_bad_input.classic_accuracy"], "trainer.monitor": "off"},
+                                ["the first training batch fails: metric 'test_bad_input.classic_accuracy' returned "
+                                 "float", "keep it a tensor: no .item()"]),
+    "classic: a helper as a data loader": ({"data_loader": {"type": "read_image", "args": {}}},
+                                           ["'read_image' in data_loader.data_loaders is not listed as a data_loader",
+                                            "name it by dotted path"]),
+    "classic: _train_epoch override": ({"trainer.type": "test_bad_input.ClassicEpochTrainer"},
+                                       ["trainer.type: ClassicEpochTrainer overrides _train_epoch",
+                                        "override train_step"]),
+    "classic: train_step(data, target)": ({"trainer.type": "test_bad_input.OldStepTrainer"},
+                                          ["trainer.type: OldStepTrainer.train_step must take one argument, "
+                                           "the batch"]),
+}
+MIGRATION_COMMANDS = {
+    "classic: -d 0": ("train.py", ["-c", "{config}", "-d", "0"], ["--device: unknown device '0'", "use -d cuda:0"]),
+    "classic: -d 0,1": ("train.py", ["-c", "{config}", "-d", "0,1"], ["use -d cuda:0, or torchrun for several"]),
+    "classic: monitor off in YAML": ("train.py", ["-c", "{work}/monitor_off.yaml"],
+                                     ["monitor_off.yaml: trainer.monitor: expected a string, got False",
+                                      "quote the word, 'off'"]),
+    "classic: --set monitor=off": ("train.py", ["-c", "{config}", "--set", "trainer.monitor=off"],
+                                   ["trainer.monitor: expected a string, got False", "quote the word"]),
+    "classic: resume a classic checkpoint": ("train.py", ["-r", "{work}/classic.pth"],
+                                             ["classic pytorch-template checkpoint",
+                                              "scripts/convert_classic_checkpoint.py"]),
+    "classic: test a classic checkpoint": ("test.py", ["-r", "{work}/classic.pth"],
+                                           ["convert it with scripts/convert_classic_checkpoint.py"]),
+    "classic: resume a converted checkpoint": ("train.py", ["-r", "{work}/converted.pth"],
+                                               ["{work}/converted.pth: holds model weights but no run state",
+                                                "--finetune"]),
+    "classic: -r with -c to fine-tune": ("train.py", ["-r", "{ckpt}", "-c", "{work}/other_arch.json"],
+                                         ["arch differs from the checkpoint's", "use --finetune"]),
+}
+CONFIGS.update(MIGRATION)
+COMMANDS.update(MIGRATION_COMMANDS)
+
 # Cases that also run as real processes.
 REAL = ["invalid JSON", "unknown optimizer type", "cuda without CUDA", "resume pickled objects", "test without -r",
         "dataset missing"]
@@ -315,9 +374,27 @@ def make_workspace(work: Path, data_dir: Path, run_ckpt: Path) -> Path:
     for name, change in malformed.items():
         torch.save({**state, **change}, work / f"{name}.pth")
     write_broken_data(work, data_dir)
+    write_classic_files(work, data_dir, state)
     state["model"] = {k: v[:5] if k.startswith("fc2") else v for k, v in state["model"].items()}  # 5 classes
     torch.save(state, work / "misfit.pth")
     return ckpt
+
+
+def write_classic_files(work: Path, data_dir: Path, state: dict) -> None:
+    """classic.pth (pickles a stand-in parse_config.ConfigParser, as the classic template's do), converted.pth
+    (weights and config only, as the converter writes), monitor_off.yaml and other_arch.json."""
+    stand_in = types.ModuleType("parse_config")
+    stand_in.ConfigParser = type("ConfigParser", (), {"__module__": "parse_config"})
+    sys.modules["parse_config"] = stand_in
+    try:
+        torch.save({"arch": "MnistModel", "state_dict": state["model"], "config": stand_in.ConfigParser()},
+                   work / "classic.pth")
+    finally:
+        del sys.modules["parse_config"]
+    torch.save({key: state[key] for key in ("version", "arch", "model", "config")}, work / "converted.pth")
+    config = {**BASE_CONFIG, "trainer": {**BASE_CONFIG["trainer"], "monitor": "MONITOR"}}
+    (work / "monitor_off.yaml").write_text(yaml.safe_dump(config).replace("MONITOR", "off"))
+    write_config(work, data_dir, "other_arch.json", {"arch.args.num_classes": 5})
 
 
 def write_broken_data(work: Path, data_dir: Path) -> None:
@@ -436,6 +513,7 @@ def test_skip_counts_nan_steps_and_nan_weights_are_never_saved(tmp_path, tiny_mn
 
 def test_the_table_is_large_and_distinct():
     cases = [*CONFIGS, *FILES, *COMMANDS]
+    assert len(MIGRATION) + len(MIGRATION_COMMANDS) >= 12
     assert len(set(cases)) == len(cases) >= 40
     assert set(REAL) <= set(cases)
 

@@ -70,6 +70,8 @@ def failing_batch(what: str):
     file) as one line naming `what` and the error's own last words (a worker's error is a whole traceback)."""
     try:
         yield
+    except UserError as e:  # a step or metric of the wrong kind
+        raise UserError(f"{what}: {e}") from None
     except (RuntimeError, IndexError, ValueError, TypeError, OSError) as e:
         raise UserError(f"{what}: {type(e).__name__}: {last_words(e)[:300]}") from None
 
@@ -201,13 +203,14 @@ class Trainer(BaseTrainer):
 
     def _check_overrides(self) -> None:
         """A subclass written for the old contract, or for the classic template, fails here with the fix."""
+        where = f"{self.config.source}: trainer.type: {type(self).__name__}"
         for name in ("train_step", "valid_step"):
             if len(inspect.signature(getattr(self, name)).parameters) != 1:
-                raise UserError(f"{type(self).__name__}.{name} must take one argument, the batch, and return a "
-                                "mapping with 'loss' (README: Custom training steps)")
+                raise UserError(f"{where}.{name} must take one argument, the batch, and return a mapping with "
+                                "'loss' (README: Custom training steps)")
         if type(self)._train_epoch is not Trainer._train_epoch:
-            raise UserError(f"{type(self).__name__} overrides _train_epoch: the loop validates, steps the schedulers "
-                            "and counts steps for you; override train_step and valid_step instead")
+            raise UserError(f"{where} overrides _train_epoch: the loop validates, steps the schedulers and counts "
+                            "steps for you; override train_step and valid_step instead")
 
     def stateful(self) -> dict:
         return {**super().stateful(), "train_tracker": self.train_metrics}  # an interrupted epoch's running sums

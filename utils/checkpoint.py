@@ -99,6 +99,9 @@ def load_failure(error: Exception) -> str:
     """Why torch.load refused a file, in a few words (its own messages run to paragraphs)."""
     text = str(error)
     unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)  # its two wordings
+    if unsafe and unsafe[1].startswith("parse_config."):
+        return ("it is a classic pytorch-template checkpoint (it pickles parse_config.ConfigParser): convert it "
+                "with scripts/convert_classic_checkpoint.py, then use --finetune or test.py -r")
     if unsafe:
         return f"it holds a Python object ({unsafe[1]}), refused for safety"
     if "Weights only load failed" in text:

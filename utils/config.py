@@ -198,12 +198,20 @@ def check_type(value: Any, default: Any, where: str) -> None:
     if expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok:
-        raise UserError(f"{where}: expected {KIND_NAMES.get(expected, expected.__name__)}, got {shorten(repr(value))}")
+        quote = " (YAML reads off, no, yes and on as false/true: quote the word, 'off')" if (
+            expected is str and isinstance(value, bool)) else ""
+        raise UserError(f"{where}: expected {KIND_NAMES.get(expected, expected.__name__)}, got "
+                        f"{shorten(repr(value))}{quote}")
+
+
+# Keys of the classic pytorch-template that have no place here, and what replaces them.
+CLASSIC_KEYS = {"n_gpu": "the classic template's GPU count: use device (or -d cuda:0), and torchrun for several GPUs"}
 
 
 def check_keys(given: dict, allowed, where: str) -> None:
     """Every unknown key of `given` in one message, each with its closest allowed key."""
-    unknown = [f"'{shorten(str(key))}'{suggest(str(key), allowed)}" for key in given if key not in allowed]
+    unknown = [f"'{shorten(str(key))}'" + (f" ({CLASSIC_KEYS[key]})" if key in CLASSIC_KEYS else
+                                           suggest(str(key), allowed)) for key in given if key not in allowed]
     if unknown:
         keys = "key" if len(unknown) == 1 else "keys"
         raise UserError(f"{where}: unknown {keys} {', '.join(unknown)}; allowed: {', '.join(allowed)}")
@@ -515,6 +523,17 @@ def _candidates(module_name: str, role: str) -> dict[str, Callable]:
     return found
 
 
+def unlisted_hint(role: str, type_name: str) -> str:
+    """Why a name defined in a role module is not listed: it is not of the role's kind, or a function that
+    does not say what it returns."""
+    for module_name in ROLE_MODULES[role]:
+        if not module_name.startswith("torch.") and callable(getattr(importlib.import_module(module_name),
+                                                                        type_name, None)):
+            return (f" ('{type_name}' in {module_name} is not listed as a {role}: a function must be annotated with "
+                    f"what it returns; name it by dotted path, '{module_name}.{type_name}', if it is one)")
+    return ""
+
+
 def resolve(role: str, type_name: str, where: str, restricted: bool = False) -> Callable:
     """The callable a config's `type` names, looked up in the role's modules or as a dotted path, and
     of the role's kind. `restricted`: the config came from a checkpoint, so a dotted path may only
@@ -541,7 +560,7 @@ def resolve(role: str, type_name: str, where: str, restricted: bool = False) -> 
         if type_name not in available:
             listing = ", ".join(sorted(available))
             raise UserError(f"{where}: unknown {role} type '{type_name}'{suggest(type_name, available)}; "
-                            f"available: {listing}")
+                            f"available: {listing}{unlisted_hint(role, type_name)}")
         target = available[type_name]
     problem = kind_problem(role, target)
     if problem:
