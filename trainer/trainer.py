@@ -70,8 +70,8 @@ def failing_batch(what: str):
     file) as one line naming `what` and the error's own last words (a worker's error is a whole traceback)."""
     try:
         yield
-    except UserError as e:  # a step or metric of the wrong kind
-        raise UserError(f"{what}: {e}") from None
+    except UserError as e:  # a step or metric of the wrong kind, a file a data loader cannot read
+        raise UserError(f"{what}: {last_words(e)}") from None
     except (RuntimeError, IndexError, ValueError, TypeError, OSError) as e:
         raise UserError(f"{what}: {type(e).__name__}: {last_words(e)[:300]}") from None
 
