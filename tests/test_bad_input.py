@@ -280,7 +280,7 @@ MIGRATION = {
                                 ["the first training batch fails: metric 'test_bad_input.classic_accuracy' returned "
                                  "float", "keep it a tensor: no .item()"]),
     "classic: a helper as a data loader": ({"data_loader": {"type": "read_image", "args": {}}},
-                                           ["'read_image' in data_loader.data_loaders is not listed as a data_loader",
+                                           ["'read_image' in data_loader.data_loaders is not listed for data_loader",
                                             "name it by dotted path"]),
     "classic: _train_epoch override": ({"trainer.type": "test_bad_input.ClassicEpochTrainer"},
                                        ["trainer.type: ClassicEpochTrainer overrides _train_epoch",

@@ -529,7 +529,7 @@ def unlisted_hint(role: str, type_name: str) -> str:
     for module_name in ROLE_MODULES[role]:
         if not module_name.startswith("torch.") and callable(getattr(importlib.import_module(module_name),
                                                                         type_name, None)):
-            return (f" ('{type_name}' in {module_name} is not listed as a {role}: a function must be annotated with "
+            return (f" ('{type_name}' in {module_name} is not listed for {role}: a function must be annotated with "
                     f"what it returns; name it by dotted path, '{module_name}.{type_name}', if it is one)")
     return ""
 
