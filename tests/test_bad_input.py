@@ -47,6 +47,13 @@ def flaky_loss(**args) -> dict:
 # batches, so the loss is called 32 times per epoch; call 32 + 5 is epoch 2's 6th training batch.
 EPOCH_CALLS, TRAIN_BATCHES = 32, 28
 
+# A torchvision dataset with config transforms (issue 15): 64 random 1x28x28 images, 16 held out.
+def fake_data(transforms: dict, **args) -> dict:
+    return {"type": "TorchvisionDataLoader", "args": {
+        "dataset": "FakeData", "dataset_args": {"size": 64, "image_size": [1, 28, 28]}, "batch_size": 16,
+        "validation_split": 16, "num_workers": 0, "transforms": transforms, **args}}
+
+
 # ---- the table ----------------------------------------------------------------------------------------------
 # Config cases: `train.py -c <config>` where the config is the tiny one with these dotted keys changed
 # (None deletes the key). Every message must name the config file and what is listed.
@@ -101,6 +108,18 @@ CONFIGS = {
     "metric listed twice": ({"metrics": ["accuracy", "accuracy"]}, ["metrics: a metric is listed twice"]),
     "name with a slash": ({"name": "a/b"}, ["name: must be a non-empty name without '/'"]),
     "device unknown in config": ({"device": "gpu"}, ["device: unknown device 'gpu'"]),
+    "unknown transform type": ({"data_loader": fake_data({"train": [{"type": "RandomCrp", "args": {"size": 28}}]})},
+                               ["data_loader.args.transforms.train[0].type: unknown transform type 'RandomCrp'",
+                                "did you mean 'RandomCrop'"]),
+    "transform arg not accepted": ({"data_loader": fake_data({"eval": [{"type": "Normalize", "args": {"sd": 1}}]})},
+                                   ["data_loader.args.transforms.eval[0].args: unknown argument 'sd'",
+                                    "did you mean 'std'"]),
+    "transform fails on the data": ({"data_loader": fake_data({"train": [{"type": "RandomCrop",
+                                                                          "args": {"size": 40}}]})},
+                                    ["data_loader: transforms.train: fails on sample 0: Required crop size (40, 40)"]),
+    "torchvision dataset missing": ({"data_loader": fake_data({}, dataset="CIFAR10", dataset_args={}),
+                                     "data_loader.args.data_dir": "{work}/nodata"},
+                                    ["CIFAR10 files not found", "{work}/nodata/cifar-10-batches-py/"]),
     "save_dir is a file": ({"trainer.save_dir": "{work}/notes.txt"},
                            ["trainer.save_dir: cannot create a run directory in {work}/notes.txt"]),
 }
