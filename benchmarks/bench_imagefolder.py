@@ -14,13 +14,15 @@ the same small CNN on them two ways, each in a fresh process, alternating:
 
 Transforms (both): RandomResizedCrop(56, scale 0.35-1), RandomHorizontalFlip, ToImage, ToDtype(float32,
 scale), Normalize. Timed: whole epochs ((a) its epoch loop, (b) `Trainer.train()`), DataLoader worker start
-included in both. Both run with the glibc malloc settings train.py sets on CPU (utils/allocator.py), so the
-ratio is the framework's own cost.
+included in both; also the CPU seconds of the process and its workers over that span (user + system),
+which a busy shared machine disturbs less than wall time. Both run with the glibc malloc settings train.py
+sets on CPU (utils/allocator.py), so the ratio is the framework's own cost.
 """
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -76,8 +78,14 @@ def make_images(root: Path, count: int) -> None:
 
 
 # ---- the two workers (each in its own process) -------------------------------------------------------
-def run_hand(data_dir: Path, epochs: int) -> float:
-    """(a) The loop a user would write with torchvision; returns the seconds of `epochs` epochs."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the DataLoader workers of past epochs)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_hand(data_dir: Path, epochs: int) -> tuple[float, float]:
+    """(a) The loop a user would write with torchvision; returns (wall, CPU) seconds of `epochs` epochs."""
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
     from torchvision import datasets
@@ -91,7 +99,7 @@ def run_hand(data_dir: Path, epochs: int) -> float:
                         generator=torch.Generator().manual_seed(1))
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(epochs):
         model.train()
         total = torch.zeros(())
@@ -102,7 +110,7 @@ def run_hand(data_dir: Path, epochs: int) -> float:
             optimizer.step()
             total += loss.detach()
         print(f"loss {total.item() / len(loader):.4f}")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, cpu_seconds() - cpu
 
 
 def config(data_dir: Path, save_dir: Path, epochs: int) -> dict:
@@ -119,8 +127,8 @@ def config(data_dir: Path, save_dir: Path, epochs: int) -> dict:
     }
 
 
-def run_trainer(data_dir: Path, epochs: int) -> float:
-    """(b) `train.py -c <config>` in this process; returns the seconds `Trainer.train()` took."""
+def run_trainer(data_dir: Path, epochs: int) -> tuple[float, float]:
+    """(b) `train.py -c <config>` in this process; returns the (wall, CPU) seconds `Trainer.train()` took."""
     import train
     from trainer.trainer import Trainer
 
@@ -128,9 +136,9 @@ def run_trainer(data_dir: Path, epochs: int) -> float:
     train_epochs = Trainer.train
 
     def timed_train(self):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         result = train_epochs(self)
-        seconds.append(time.perf_counter() - started)
+        seconds.append((time.perf_counter() - started, cpu_seconds() - cpu))
         return result
 
     Trainer.train = timed_train
@@ -142,7 +150,7 @@ def run_trainer(data_dir: Path, epochs: int) -> float:
 
 
 # ---- the driver ----------------------------------------------------------------------------------------
-def spawn(mode: str, data_dir: Path, args, out: Path) -> float:
+def spawn(mode: str, data_dir: Path, args, out: Path) -> tuple[float, float]:
     command = [sys.executable, __file__, "--worker", mode, "--data-dir", str(data_dir), "--epochs",
                str(args.epochs), "--out", str(out)]
     from utils.allocator import MALLOC_SETTINGS
@@ -151,7 +159,7 @@ def spawn(mode: str, data_dir: Path, args, out: Path) -> float:
     result = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
     if result.returncode != 0:
         sys.exit(f"error: the {mode} worker failed (exit {result.returncode}): {' '.join(command)}")
-    return json.loads(out.read_text())["seconds"]
+    return tuple(json.loads(out.read_text())["seconds"])
 
 
 def mean_sd(values: list[float]) -> str:
@@ -183,15 +191,18 @@ def main() -> None:
         for repeat in range(args.repeats):
             for mode in ("hand", "train") if repeat % 2 == 0 else ("train", "hand"):
                 results[mode].append(spawn(mode, data_dir, args, Path(tmp) / f"{mode}{repeat}.json"))
-                print(f"  run {repeat + 1} {mode:5s} {results[mode][-1]:.2f} s", flush=True)
+                wall, cpu = results[mode][-1]
+                print(f"  run {repeat + 1} {mode:5s} {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
 
     print(f"\nwhole epochs ({args.repeats} runs each, mean ± sd):")
     for mode, label in (("hand", "(a) hand-written loop"), ("train", "(b) Trainer + config")):
-        rate = args.images * args.epochs / statistics.mean(results[mode])
-        print(f"  {label:24s} {mean_sd(results[mode])} s   {rate:,.0f} images/s")
-    ratios = [b / a for a, b in zip(results["hand"], results["train"])]
-    print(f"  ratio (b)/(a) of wall time: {mean_sd(ratios)} (mean ± sd over the interleaved pairs); "
-          f"median {statistics.median(ratios):.3f}")
+        wall, cpu = ([r[i] for r in results[mode]] for i in (0, 1))
+        rate = args.images * args.epochs / statistics.mean(wall)
+        print(f"  {label:24s} {mean_sd(wall)} s wall   {rate:,.0f} images/s   {mean_sd(cpu)} s CPU")
+    for i, kind in enumerate(("wall", "CPU")):
+        ratios = [b[i] / a[i] for a, b in zip(results["hand"], results["train"])]
+        print(f"  ratio (b)/(a) of {kind} time: {mean_sd(ratios)} (mean ± sd over the interleaved pairs), "
+              f"median {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":

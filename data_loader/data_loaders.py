@@ -21,8 +21,8 @@ class MnistDataLoader(BaseDataLoader):
     """MNIST from `<data_dir>/MNIST/raw/` (the four IDX files, gzipped or not, as torchvision keeps them).
 
     in_memory: decode once into a uint8 tensor on the training device and take batches by index
-    (fast); false: torchvision.datasets.MNIST with per-sample transforms in DataLoader workers
-    (the path to add augmentation to). training: false gives the official test split.
+    (fast); false: torchvision.datasets.MNIST in DataLoader workers (for per-sample transforms from the
+    config, use TorchvisionDataLoader with dataset "MNIST"). training: false gives the official test split.
     normalize: true standardises pixels with MNIST's mean and std; false keeps them in [0, 1] (GANs, VAEs).
     download: fetch the files with torchvision when they are missing (needs a network).
     augment: batched on-device augmentation of training batches on the in-memory path, e.g.
