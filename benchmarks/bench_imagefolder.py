@@ -2,6 +2,7 @@
 
     python benchmarks/bench_imagefolder.py                 # 3,000 JPEGs, 2 epochs, 5 interleaved pairs
     python benchmarks/bench_imagefolder.py --images 6000 --repeats 8
+    python benchmarks/bench_imagefolder.py --loaders-only  # only the data: both loaders in one process, alternating
 
 The script writes --images small JPEGs (64x64, 10 classes) into a temporary ImageFolder tree, then trains
 the same small CNN on them two ways, each in a fresh process, alternating:
@@ -84,19 +85,25 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run_hand(data_dir: Path, epochs: int) -> tuple[float, float]:
-    """(a) The loop a user would write with torchvision; returns (wall, CPU) seconds of `epochs` epochs."""
-    import torch.nn.functional as F
+def hand_loader(data_dir: Path):
+    """The torchvision DataLoader a user would write, with the same transforms as the config's."""
     from torch.utils.data import DataLoader
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    torch.manual_seed(1)
     transform = v2.Compose([v2.RandomResizedCrop(56, scale=(0.35, 1.0)), v2.RandomHorizontalFlip(), v2.ToImage(),
                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
     dataset = datasets.ImageFolder(str(data_dir / "train"), transform=transform)
-    loader = DataLoader(dataset, BATCH_SIZE, shuffle=True, num_workers=WORKERS,
-                        generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    return DataLoader(dataset, BATCH_SIZE, shuffle=True, num_workers=WORKERS, generator=generator)
+
+
+def run_hand(data_dir: Path, epochs: int) -> tuple[float, float]:
+    """(a) The loop a user would write with torchvision; returns (wall, CPU) seconds of `epochs` epochs."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    loader = hand_loader(data_dir)
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     started, cpu = time.perf_counter(), cpu_seconds()
@@ -149,6 +156,33 @@ def run_trainer(data_dir: Path, epochs: int) -> tuple[float, float]:
     return seconds[0]
 
 
+def loaders_only(data_dir: Path, repeats: int) -> None:
+    """Decode + augment only: one epoch of each loader in turn, in this process, `repeats` times."""
+    from data_loader.data_loaders import ImageFolderDataLoader
+
+    loaders = {"hand": hand_loader(data_dir), "train": ImageFolderDataLoader(
+        str(data_dir), batch_size=BATCH_SIZE, num_workers=WORKERS, transforms={"train": TRANSFORMS})}
+    results = {mode: [] for mode in loaders}
+    for repeat in range(repeats):
+        for mode in loaders if repeat % 2 == 0 else reversed(loaders):
+            started, cpu = time.perf_counter(), cpu_seconds()
+            for _ in loaders[mode]:
+                pass
+            results[mode].append((time.perf_counter() - started, cpu_seconds() - cpu))
+    report(results, "one epoch of the data only")
+
+
+def report(results: dict, what: str) -> None:
+    print(f"\n{what} ({len(results['hand'])} runs each, mean ± sd):")
+    for mode, label in (("hand", "(a) hand-written"), ("train", "(b) framework")):
+        wall, cpu = ([r[i] for r in results[mode]] for i in (0, 1))
+        print(f"  {label:24s} {mean_sd(wall)} s wall   {mean_sd(cpu)} s CPU")
+    for i, kind in enumerate(("wall", "CPU")):
+        ratios = [b[i] / a[i] for a, b in zip(results["hand"], results["train"])]
+        print(f"  ratio (b)/(a) of {kind} time: {mean_sd(ratios)} (mean ± sd over the interleaved pairs), "
+              f"median {statistics.median(ratios):.3f}")
+
+
 # ---- the driver ----------------------------------------------------------------------------------------
 def spawn(mode: str, data_dir: Path, args, out: Path) -> tuple[float, float]:
     command = [sys.executable, __file__, "--worker", mode, "--data-dir", str(data_dir), "--epochs",
@@ -172,6 +206,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000, help="JPEGs to generate (default: 3000)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per timed run (default: 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each way, interleaved (default: 5)")
+    parser.add_argument("--loaders-only", action="store_true",
+                        help="time the two data loaders alone (decode + augment), alternating in one process")
     parser.add_argument("--worker", choices=["hand", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -187,22 +223,15 @@ def main() -> None:
         make_images(data_dir, args.images)
         print(f"{args.images} JPEGs of {SIZE}x{SIZE} in {time.perf_counter() - started:.1f} s; batch {BATCH_SIZE}, "
               f"{WORKERS} workers, {args.epochs} epochs, torch {torch.__version__}, {os.cpu_count()} CPUs")
+        if args.loaders_only:
+            return loaders_only(data_dir, args.repeats)
         results = {"hand": [], "train": []}
         for repeat in range(args.repeats):
             for mode in ("hand", "train") if repeat % 2 == 0 else ("train", "hand"):
                 results[mode].append(spawn(mode, data_dir, args, Path(tmp) / f"{mode}{repeat}.json"))
                 wall, cpu = results[mode][-1]
                 print(f"  run {repeat + 1} {mode:5s} {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
-
-    print(f"\nwhole epochs ({args.repeats} runs each, mean ± sd):")
-    for mode, label in (("hand", "(a) hand-written loop"), ("train", "(b) Trainer + config")):
-        wall, cpu = ([r[i] for r in results[mode]] for i in (0, 1))
-        rate = args.images * args.epochs / statistics.mean(wall)
-        print(f"  {label:24s} {mean_sd(wall)} s wall   {rate:,.0f} images/s   {mean_sd(cpu)} s CPU")
-    for i, kind in enumerate(("wall", "CPU")):
-        ratios = [b[i] / a[i] for a, b in zip(results["hand"], results["train"])]
-        print(f"  ratio (b)/(a) of {kind} time: {mean_sd(ratios)} (mean ± sd over the interleaved pairs), "
-              f"median {statistics.median(ratios):.3f}")
+    report(results, f"whole epochs of training, {args.images * args.epochs} images")
 
 
 if __name__ == "__main__":
