@@ -87,8 +87,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_hand(data_dir: Path, epochs: int, device: torch.device, optimizer_class=torch.optim.Adam) -> float:
-    """(a) The loop a user would write by hand; returns the seconds of `epochs` epochs with validation."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_hand(data_dir: Path, epochs: int, device: torch.device,
+             optimizer_class=torch.optim.Adam) -> tuple[float, float]:
+    """(a) The loop a user would write by hand; returns the (wall, CPU) seconds of `epochs` epochs with validation."""
     import torch.nn.functional as F
 
     from data_loader.datasets import read_idx
@@ -107,7 +114,7 @@ def run_hand(data_dir: Path, epochs: int, device: torch.device, optimizer_class=
         return (images[idx].float() / 255 - MEAN) / STD, labels[idx]
 
     sync(device)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(epochs):
         model.train()
         perm = train_idx[torch.randperm(len(train_idx), device=device)]
@@ -127,7 +134,7 @@ def run_hand(data_dir: Path, epochs: int, device: torch.device, optimizer_class=
                 correct += (output.argmax(1) == target).sum()
         print(f"val_loss {total_loss.item() / n_valid:.4f}  val_accuracy {correct.item() / n_valid:.4f}")
     sync(device)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, cpu_seconds() - cpu
 
 
 def trainer_overrides(data_dir: Path, save_dir: Path, epochs: int, device: str) -> list[str]:
@@ -139,8 +146,8 @@ def trainer_overrides(data_dir: Path, save_dir: Path, epochs: int, device: str) 
 AUGMENT = "data_loader.args.augment={crop_padding: 2, flip: true}"
 
 
-def run_trainer(data_dir: Path, epochs: int, device: torch.device, augment: bool = False) -> float:
-    """(b) `train.py -c configs/mnist.json` in this process; returns the seconds `Trainer.train()` took."""
+def run_trainer(data_dir: Path, epochs: int, device: torch.device, augment: bool = False) -> tuple[float, float]:
+    """(b) `train.py -c configs/mnist.json` in this process; returns the (wall, CPU) seconds `Trainer.train()` took."""
     import train
     from trainer.trainer import Trainer
 
@@ -149,10 +156,10 @@ def run_trainer(data_dir: Path, epochs: int, device: torch.device, augment: bool
 
     def timed_train(self):
         sync(self.device)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         result = train_epochs(self)
         sync(self.device)
-        seconds.append(time.perf_counter() - started)
+        seconds.append((time.perf_counter() - started, cpu_seconds() - cpu))
         return result
 
     Trainer.train = timed_train
@@ -167,12 +174,12 @@ def worker(args) -> None:
     if args.worker == "hand-startup":
         run_hand(Path(args.data_dir), 1, device, FirstStepAdam)
     if args.worker == "hand":
-        seconds = run_hand(Path(args.data_dir), args.epochs, device)
+        seconds, cpu = run_hand(Path(args.data_dir), args.epochs, device)
     else:
-        seconds = run_trainer(Path(args.data_dir), args.epochs, device, augment=args.worker == "augment")
+        seconds, cpu = run_trainer(Path(args.data_dir), args.epochs, device, augment=args.worker == "augment")
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    Path(args.out).write_text(json.dumps({"seconds": seconds, "peak_bytes": peak}))
+    Path(args.out).write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak}))
 
 
 # ---- the driver ----------------------------------------------------------------------------------------
@@ -225,10 +232,14 @@ def report(results: dict, pair: tuple[str, str], n_train: int, args) -> None:
         rate = n_train * args.epochs / statistics.mean(seconds)
         peak = max(r["peak_bytes"] for r in results[mode]) / 2**20
         memory = "peak CUDA memory" if args.device.startswith("cuda") else "peak RSS"
-        print(f"  {LABELS[mode]:24s} {mean_sd(seconds)} s   {rate:,.0f} samples/s   {memory} {peak:,.0f} MiB")
-    ratios = [b["seconds"] / a["seconds"] for a, b in zip(*(results[mode] for mode in pair))]
+        cpu = mean_sd([r["cpu_seconds"] for r in results[mode]])
+        print(f"  {LABELS[mode]:24s} {mean_sd(seconds)} s   {rate:,.0f} samples/s   {memory} {peak:,.0f} MiB   "
+              f"CPU {cpu} s")
     names = "/".join(LABELS[mode][:3] for mode in reversed(pair))
-    print(f"  ratio {names} of wall time: {mean_sd(ratios)} (mean ± sd over the interleaved pairs)")
+    for key, kind in (("seconds", "wall"), ("cpu_seconds", "CPU")):
+        ratios = [b[key] / a[key] for a, b in zip(*(results[mode] for mode in pair))]
+        print(f"  ratio {names} of {kind} time: {mean_sd(ratios)} (mean ± sd over the interleaved pairs), "
+              f"median {statistics.median(ratios):.3f}")
 
 
 def main() -> None:
