@@ -2,6 +2,7 @@
 pipelines checked at start-up, batched on-device augmentation for in-memory MNIST, exact resume with both."""
 
 import gzip
+import os
 import shutil
 import subprocess
 import sys
@@ -230,3 +231,22 @@ def test_mnist_with_on_device_augmentation_resumes_exactly(folders, tiny_mnist):
     augment = {"data_loader.args.augment": {"crop_padding": 2, "flip": True}}
     reference, resumed = train_and_resume(folders, tiny_mnist, augment)
     assert_same(reference, resumed)
+
+
+def test_two_processes_with_random_transforms_match_one_with_twice_the_batch(folders):
+    """Under torchrun each sample gets the crop and flip it would get in one process (seeded by sample, not by
+    rank or worker): 2 processes x 16 train like 1 x 32."""
+    layout = {"data_loader": fake_data(drop_last=True, num_workers=1), "arch.type": "tests.models.Deterministic",
+              "trainer.epochs": 1, "trainer.tensorboard": False}
+    config = make_config(folders / "a", "", {**layout, "data_loader.args.batch_size": 32})
+    single = run("train.py", "-d", "cpu", "-c", config, env=ENV)
+    assert single.returncode == 0, single.stderr
+    config = make_config(folders / "b", "", {**layout, "data_loader.args.batch_size": 16})
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", "-d", "cpu", "-c", str(config)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=240, env={**os.environ, **ENV, "CI": "true"})
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-2000:]
+    assert "Training on cpu (2 processes)" in ddp.stdout + ddp.stderr
+    a, b = (torch.load(run_dirs(folders / n / "saved")[0] / "latest.pth", weights_only=True)["model"] for n in "ab")
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-5), key
