@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from logger import progress_bar
+from trainer.trainer import failing_batch
 from utils import checkpoint, dist
 from utils.cli import ArgumentParser, run_main
 from utils.startup import add_common_arguments, build_parts, load_config, start_process
@@ -32,7 +33,8 @@ def main(argv=None) -> int:
     config = load_config(args, path, state)
     device = start_process(config, args)
 
-    loader = config.build("data_loader", training=False, shuffle=False, validation_split=0.0,
+    folds = {"folds": 0} if "folds" in config["data_loader"].get("args", {}) else {}  # a k-fold run's: all test data
+    loader = config.build("data_loader", training=False, shuffle=False, validation_split=0.0, **folds,
                           seed=config["seed"]).to(device)
     loader.drop_last = False  # every test sample counts, whatever the training config says
     trainer = config.targets["trainer"](config=config, device=device, run_dir=path.parent,
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     checkpoint.load_model_weights(trainer.model, state["model"], str(path))
     if state.get("criterion") and isinstance(trainer.criterion, torch.nn.Module):  # a loss with state of its own
         trainer.criterion.load_state_dict(state["criterion"])
-    with progress_bar(loader.n_samples, "test") as bar:
+    with progress_bar(loader.n_samples, "test") as bar, failing_batch("a test batch fails"):
         result = trainer.evaluate(loader, progress=bar)  # the trainer's valid_step, as in validation
     if not dist.is_main():
         return 0

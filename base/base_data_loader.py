@@ -7,6 +7,8 @@ them. Under torchrun each rank takes every world_size-th sample of that order.
 
 import copy
 import gc
+import os
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -46,6 +48,8 @@ class BaseDataLoader:
     batched by index in this process; any other goes through a torch DataLoader with workers.
 
     validation_split: a fraction (0 < x < 1) or a count of training samples held out for validation.
+    folds, fold: k-fold cross-validation (`train.py --folds K` sets them): validation is part `fold` of
+    `folds` near-equal parts of a seeded order, training the rest; instead of validation_split.
     """
 
     def __init__(
@@ -62,18 +66,21 @@ class BaseDataLoader:
         drop_last: bool = False,
         seed: int = 0,
         indices: torch.Tensor | None = None,
+        folds: int = 0,
+        fold: int = 0,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.classes = [str(name) for name in getattr(dataset, "classes", ())]  # names of labels 0, 1, ...
         self.drop_last, self.seed = drop_last, seed
         self.loader_options = {"num_workers": num_workers, "pin_memory": pin_memory and torch.cuda.is_available()}
         if num_workers > 0:
             self.loader_options.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.indices = torch.arange(len(dataset)) if indices is None else indices
-        self.valid_indices = self._split(validation_split)
+        self.valid_indices = self._fold(folds, fold, validation_split) if folds else self._split(validation_split)
         self.epoch = 0
         self._sampler = _IndexSampler()
         self._loader = None  # created on first use, kept so persistent workers survive epochs
@@ -82,7 +89,7 @@ class BaseDataLoader:
     def has_validation(cls, args: dict) -> bool:
         """Whether a loader made with these config `args` gives validation data (`split_validation`). The
         config checker asks, so that `monitor` may name `val_` values; override it if your loader decides."""
-        return bool(args.get("validation_split", 0))
+        return bool(args.get("validation_split", 0)) or bool(args.get("folds", 0))
 
     def _split(self, validation_split: float) -> torch.Tensor | None:
         n = len(self.indices)
@@ -101,6 +108,20 @@ class BaseDataLoader:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         valid = self.indices[order[:n_valid]]
         self.indices = self.indices[order[n_valid:]]
+        return valid
+
+    def _fold(self, folds: int, fold: int, validation_split: float) -> torch.Tensor:
+        """Hold out part `fold` of `folds`; the parts of one seed cover every sample once."""
+        if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= len(self.indices):
+            raise ValueError(f"folds must be an integer from 2 to the number of samples, got {folds!r}")
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+            raise ValueError(f"fold must be an integer from 0 to {folds - 1}, got {fold!r}")
+        if validation_split:
+            raise ValueError("folds and validation_split exclude each other: the fold is the validation data")
+        order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed))
+        parts = list(torch.tensor_split(order, folds))
+        valid = self.indices[parts.pop(fold)]
+        self.indices = self.indices[torch.cat(parts)]
         return valid
 
     def split_validation(self) -> "BaseDataLoader | None":
@@ -137,6 +158,20 @@ class BaseDataLoader:
         if self.drop_last:
             indices = indices[: len(indices) // self.batch_size * self.batch_size]
         return indices
+
+    def fingerprint(self) -> dict:
+        """What a resume compares to know the data are the same: the dataset's size and a CRC of its labels,
+        its file list (relative to its root: ImageFolder's `samples`) and this loader's split."""
+        crc = zlib.crc32(self.indices.cpu().numpy().tobytes())
+        labels = getattr(self.dataset, "targets", None)
+        if isinstance(labels, torch.Tensor):
+            crc = zlib.crc32(labels.cpu().numpy().tobytes(), crc)
+        elif labels is not None:
+            crc = zlib.crc32(repr(list(labels)).encode(), crc)
+        root = str(getattr(self.dataset, "root", ""))
+        for path, *_ in getattr(self.dataset, "samples", None) or ():
+            crc = zlib.crc32(os.path.relpath(path, root).encode() if root else str(path).encode(), crc)
+        return {"samples": len(self.dataset), "crc": f"{crc:08x}"}
 
     @property
     def n_samples(self) -> int:

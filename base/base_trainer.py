@@ -2,6 +2,7 @@
 
 import logging
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -10,8 +11,10 @@ import torch
 
 from base import options
 from logger import TensorboardWriter, progress_bar
+from logger.metrics_file import MetricsFile
 from utils import checkpoint, dist
 from utils.errors import TrainingError
+from utils.profiler import start_profiler
 
 log = logging.getLogger("train")
 
@@ -44,11 +47,12 @@ class BaseTrainer:
     LOGGED: tuple[str, ...] = ()  # names a subclass's steps log besides loss and metrics (monitor may name them)
 
     def __init__(self, model, criterion, metric_fns: dict, optimizer, config, device: torch.device,
-                 run_dir: Path, lr_scheduler=None):
+                 run_dir: Path | None = None, lr_scheduler=None):
         """`model`, `optimizer` and `lr_scheduler` are one object each, or dicts by name (several models;
         an optimizer has the name of the model it trains, a scheduler that of its optimizer)."""
         self.config, self.options = config, config["trainer"]
-        self.device, self.run_dir = device, Path(run_dir)
+        self.device = device
+        self.run_dir = Path(run_dir) if run_dir else None  # train.py sets it once the first batches passed
         self.models = model if isinstance(model, dict) else {"model": model}
         self.model = torch.nn.ModuleDict(model) if isinstance(model, dict) else model  # what is saved as "model"
         self.optimizers = optimizer if isinstance(optimizer, dict) else {"model": optimizer}
@@ -65,8 +69,9 @@ class BaseTrainer:
         self.monitor_best = {"min": math.inf, "max": -math.inf}.get(self.monitor_mode, math.nan)
         self.not_improved_count = 0
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0  # completed epochs; batches into the next
-        self._signal = None
+        self._signal, self.last_save = None, time.monotonic()
         self.writer = None  # TensorBoard, opened in train(): resume must set the global step first
+        self.metrics_file, self.profiler = None, None  # metrics.csv and trainer.profile, from train()
 
     # ---- run state: save and load walk the same dict ---------------------------------------------
     def stateful(self) -> dict:
@@ -120,6 +125,9 @@ class BaseTrainer:
         # Points up to global_step were logged before the checkpoint was saved: a resume hides only later ones.
         self.writer = TensorboardWriter(self.run_dir / "tensorboard", self.options["tensorboard"] and dist.is_main(),
                                         purge_step=self.global_step + 1 if self.global_step else None)
+        self.metrics_file = MetricsFile(self.run_dir / "metrics.csv", self.epoch, dist.is_main())
+        if dist.is_main():
+            self.profiler = start_profiler(self.options.get("profile"), self.run_dir / "profile", self.device)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         result = {}
         try:
@@ -137,6 +145,8 @@ class BaseTrainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.writer.close()
+            if self.profiler is not None:
+                self.profiler.stop()
         return result
 
     def _run_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
@@ -208,21 +218,29 @@ class BaseTrainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def _save_epoch(self, epoch: int, improved: bool) -> None:
+        """model_best and the periodic file first, latest.pth last: a kill between two files leaves latest.pth
+        at the previous epoch, which the resume trains again (and then writes model_best again if it improves)."""
         if not self._weights_finite():  # a finite loss can still come with NaN/Inf gradients
-            raise TrainingError(f"model weights are NaN or Inf after epoch {epoch}: not saved, stopping; the last good "
-                                f"checkpoint in {self.run_dir} is kept (lower the learning rate or clip gradients)")
+            raise TrainingError(f"model weights are NaN or Inf after epoch {epoch}: not saved, stopping; "
+                                f"{self.kept()} (lower the learning rate or clip gradients)")
         period = self.options["save_period"]
-        names = ["latest.pth"]
+        names = ["model_best.pth"] if improved else []
+        if improved:
+            log.info("Saving model_best.pth (%s = %.6g)", self.monitor_key, self.monitor_best)
         if period and epoch % period == 0:
             names.append(f"checkpoint-epoch{epoch}.pth")
-        if improved:
-            names.append("model_best.pth")
-            log.info("Saving model_best.pth (%s = %.6g)", self.monitor_key, self.monitor_best)
-        self._save(names)
+        self._save([*names, "latest.pth"])
         if dist.is_main() and self.options["keep_last"]:
-            periodic = sorted(self.run_dir.glob("checkpoint-epoch*.pth"), key=lambda p: int(p.stem[16:]))
-            for old in periodic[: -self.options["keep_last"]]:
-                old.unlink()
+            numbered = {int(m[1]): p for p in self.run_dir.glob("checkpoint-epoch*.pth")
+                        if (m := re.fullmatch(r"checkpoint-epoch(\d+)\.pth", p.name))}  # not 'epoch1 (copy).pth'
+            for old in sorted(numbered)[: -self.options["keep_last"]]:
+                numbered[old].unlink(missing_ok=True)
+
+    def kept(self) -> str:
+        """What an error that stops the run leaves to resume from."""
+        if self.run_dir and (self.run_dir / "latest.pth").exists():
+            return f"the last good checkpoint in {self.run_dir} is kept"
+        return "no checkpoint was written yet"
 
     def _weights_finite(self) -> bool:
         """Every floating-point parameter and buffer is finite (one host sync, once an epoch)."""
@@ -242,14 +260,16 @@ class BaseTrainer:
                 error = e
         if dist.broadcast_flag(error is not None, self.device):
             raise error or TrainingError("rank 0 could not write a checkpoint")
+        self.last_save = time.monotonic()
         log.debug("Saved %s at epoch %d, step %d", ", ".join(names), self.epoch, self.global_step)
-        return self.run_dir / names[0]
+        return self.run_dir / names[-1]
 
     # ---- logging ------------------------------------------------------------------------------------
     def _log_epoch(self, epoch: int, result: dict, seconds: float) -> None:
         text = "  ".join(f"{k} {v:.6g}" for k, v in result.items())
         log.info("epoch %d/%d  %s  (%.1f s)", epoch, self.epochs, text, seconds)
         self.writer.scalars({f"epoch/{k}": v for k, v in result.items()}, self.global_step)
+        self.metrics_file.write(epoch, self.global_step, result)
 
     def progress_bar(self, epoch: int, total: int, initial: int):
         return progress_bar(total, f"epoch {epoch}/{self.epochs}", initial, enabled=self.options["verbosity"] > 0)

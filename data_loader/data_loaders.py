@@ -1,6 +1,10 @@
-"""Data loaders. Any class defined here can be named in a config's `data_loader.type`."""
+"""Data loaders. Any class defined here can be named in a config's `data_loader.type`.
 
-from collections.abc import Iterator
+A loader may also say how predict.py reads an image file for a model trained on it: a classmethod
+`image_reader(args)` (args: the config's data_loader.args) returning path -> input tensor (C, H, W).
+"""
+
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +13,13 @@ from torch.utils.data import Dataset
 
 from base import BaseDataLoader
 from data_loader.augment import BatchAugment, draw_seed
-from data_loader.datasets import MNIST_FILES, InMemoryImages, find_file, read_idx
-from data_loader.pipeline import PipelineDataLoader
+from data_loader.datasets import MNIST_FILES, InMemoryImages, find_file, read_images_and_labels
+from data_loader.pipeline import PipelineDataLoader, build_pipeline
 from utils.config import check_args, check_built, resolve, signature_params
 from utils.errors import UserError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+IMAGE_SIZE = 224  # ImageFolderDataLoader's default side, in pixels
 
 
 class MnistDataLoader(BaseDataLoader):
@@ -32,7 +37,8 @@ class MnistDataLoader(BaseDataLoader):
     def __init__(self, data_dir: str, batch_size: int = 128, shuffle: bool = True, validation_split: float = 0.0,
                  num_workers: int = 0, training: bool = True, in_memory: bool = True, download: bool = False,
                  pin_memory: bool = True, persistent_workers: bool = False, prefetch_factor: int = 2,
-                 drop_last: bool = False, seed: int = 0, normalize: bool = True, augment: dict | None = None):
+                 drop_last: bool = False, seed: int = 0, normalize: bool = True, folds: int = 0, fold: int = 0,
+                 augment: dict | None = None):
         raw = Path(data_dir) / "MNIST" / "raw"
         mean, std = (MNIST_MEAN, MNIST_STD) if normalize else (0.0, 1.0)
         self.augment = BatchAugment.from_config(augment, fill=-mean / std) if training else None  # fill: black
@@ -48,13 +54,24 @@ class MnistDataLoader(BaseDataLoader):
             missing = ", ".join(f"{n}.gz" for n, f in zip(MNIST_FILES[training], files) if f is None)
             raise UserError(f"MNIST files not found: put {missing} in {raw}/ (or set download: true when online)")
         if in_memory:
-            images, targets = (read_idx(f) for f in files)
+            images, targets = read_images_and_labels(*files)
             dataset = InMemoryImages(images.unsqueeze(1), targets, mean, std)
         else:
             dataset = self._torchvision_dataset(data_dir, raw, training, mean, std)
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, validation_split=validation_split,
                          num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
-                         prefetch_factor=prefetch_factor, drop_last=drop_last, seed=seed)
+                         prefetch_factor=prefetch_factor, drop_last=drop_last, seed=seed, folds=folds, fold=fold)
+        self.classes = [str(digit) for digit in range(10)]
+
+    @classmethod
+    def image_reader(cls, args: dict) -> Callable[[str], torch.Tensor]:
+        """A grayscale image file as training saw MNIST: 28 x 28, white digit on black, normalised the same."""
+        from torchvision import transforms
+
+        mean, std = (MNIST_MEAN, MNIST_STD) if args.get("normalize", True) else (0.0, 1.0)
+        transform = transforms.Compose([transforms.Resize((28, 28)), transforms.ToTensor(),
+                                        transforms.Normalize((mean,), (std,))])
+        return lambda path: transform(read_image(path, "L"))
 
     def batches(self, skip: int = 0) -> Iterator:
         """The epoch's batches; with `augment`, each augmented from a generator seeded by its number."""
@@ -104,15 +121,39 @@ class MnistDataLoader(BaseDataLoader):
                             f"in {raw}/") from None
 
 
-def read_rgb_image(path: str):
-    """torchvision's default image loader, but a file PIL cannot read is a UserError naming it."""
+def read_image(path: str, mode: str = "RGB"):
+    """An image file as a PIL image in `mode`: "RGB" (torchvision's default loader: any image) or "L"
+    (grayscale: a colour image is refused). A file PIL cannot read is a UserError naming it."""
     from PIL import Image
 
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            image = Image.open(f)
+            channels = len([band for band in image.getbands() if band != "A"])  # alpha is dropped either way
+            if mode == "L" and channels != 1:
+                raise UserError(f"{path}: a {channels}-channel image ({image.mode}); this model reads "
+                                "1-channel (grayscale) images")
+            return image.convert(mode)
     except OSError as e:
         raise UserError(f"{path}: cannot read image: {e}") from None
+
+
+def image_files(inputs: list[str]) -> list[Path]:
+    """The files given, and the images under the folders given (sorted): predict.py's inputs."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    files = []
+    for name in map(Path, inputs):
+        if name.is_dir():
+            found = sorted(p for p in name.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+            if not found:
+                raise UserError(f"{name}: no images in this folder ({', '.join(IMG_EXTENSIONS)})")
+            files += found
+        elif name.is_file():
+            files.append(name)
+        else:
+            raise UserError(f"{name}: no such file or folder")
+    return files
 
 
 def imagenet_default(image_size: int, mean: list | None, std: list | None) -> list[dict]:
@@ -137,23 +178,31 @@ class ImageFolderDataLoader(PipelineDataLoader):
     """
 
     def __init__(self, data_dir: str, batch_size: int = 32, shuffle: bool = True, validation_split: float = 0.0,
-                 num_workers: int = 2, training: bool = True, image_size: int = 224,
+                 num_workers: int = 2, training: bool = True, image_size: int = IMAGE_SIZE,
                  mean: list | None = None, std: list | None = None, transforms: dict | None = None,
                  pin_memory: bool = True, persistent_workers: bool = False, prefetch_factor: int = 2,
-                 drop_last: bool = False, seed: int = 0):
+                 drop_last: bool = False, seed: int = 0, folds: int = 0, fold: int = 0):
         from torchvision import datasets
 
         root = Path(data_dir) / ("train" if training else "test")
         if not root.is_dir():
             raise UserError(f"image folder not found: {root} (expected {root}/<class>/<image>)")
         try:
-            dataset = datasets.ImageFolder(str(root), loader=read_rgb_image)
+            dataset = datasets.ImageFolder(str(root), loader=read_image)
         except (FileNotFoundError, OSError) as e:  # no class folders, or no images in them
             raise UserError(f"{root}: {e}") from None
         super().__init__(dataset, transforms, imagenet_default(image_size, mean, std), training=training,
                          batch_size=batch_size, shuffle=shuffle, validation_split=validation_split,
                          num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
-                         prefetch_factor=prefetch_factor, drop_last=drop_last, seed=seed)
+                         prefetch_factor=prefetch_factor, drop_last=drop_last, seed=seed, folds=folds, fold=fold)
+
+    @classmethod
+    def image_reader(cls, args: dict) -> Callable[[str], torch.Tensor]:
+        """An image file as evaluation saw this folder's images: RGB, then the "eval" pipeline (or the default)."""
+        specs = (args.get("transforms") or {}).get("eval") or \
+            imagenet_default(args.get("image_size", IMAGE_SIZE), args.get("mean"), args.get("std"))
+        transform = build_pipeline(specs, "data_loader.args.transforms.eval")
+        return lambda path: transform(read_image(path))
 
 
 class TorchvisionDataLoader(PipelineDataLoader):

@@ -1,11 +1,15 @@
 """Datasets that fit in memory: decoded once into a uint8 tensor, normalised per batch on its device."""
 
 import gzip
+import math
 import struct
+import zlib
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+
+from utils.errors import UserError
 
 MNIST_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -22,13 +26,31 @@ def find_file(folder: Path, name: str) -> Path | None:
 
 
 def read_idx(path: Path) -> torch.Tensor:
-    """An IDX file (the MNIST format, http://yann.lecun.com/exdb/mnist/), gzipped or not, as uint8."""
+    """An IDX file (the MNIST format, http://yann.lecun.com/exdb/mnist/), gzipped or not, as uint8. A damaged
+    or cut-short file is one UserError naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path}: damaged file ({type(e).__name__}: {e or 'cut short'})") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) < 4 + 4 * data[3]:
+        raise UserError(f"{path}: not an IDX file of unsigned bytes (bad header)")
     ndim = data[3]
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = len(data) - 4 - 4 * ndim
+    if body != math.prod(shape):
+        raise UserError(f"{path}: cut short or damaged: its header says {math.prod(shape):,} bytes of data "
+                        f"(shape {shape}), it holds {body:,}")
     return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(shape)
+
+
+def read_images_and_labels(images: Path, labels: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """An IDX pair of images and labels, checked to match in number."""
+    x, y = read_idx(images), read_idx(labels)
+    if len(x) != len(y) or y.dim() != 1:
+        raise UserError(f"{labels}: {len(y):,} labels (shape {tuple(y.shape)}) for the {len(x):,} images of {images}")
+    return x, y
 
 
 def write_idx(path: Path, array: torch.Tensor) -> None:

@@ -91,6 +91,11 @@ class Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def __getattr__(self, name: str) -> Any:
+        if name in ("classes", "targets", "samples", "root"):  # for the loader's class names and data fingerprint
+            return getattr(self.dataset, name)
+        raise AttributeError(name)
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any]:
         epoch, index = key if isinstance(key, tuple) else (-1, key)
         data, target = self.dataset[index]
@@ -121,7 +126,6 @@ class PipelineDataLoader(BaseDataLoader):
                  seed: int, **options):
         pipelines = {name: build_pipeline(default, f"default {name} transforms") for name in PIPELINES}
         self.pipelines = {**pipelines, **check_transforms(transforms, "transforms")}
-        self.classes: list | None = getattr(dataset, "classes", None)
         first_name = "train" if training else "eval"
         super().__init__(Transformed(dataset, self.pipelines[first_name], seed), seed=seed, **options)
         self._sampler = EpochKeys(self)

@@ -13,7 +13,8 @@ class Deterministic(nn.Module):
     with batch b match one process with batch N*b.
 
     TEST_SIGTERM="<rank>:<n>" in the environment: that rank sends itself SIGTERM in its n-th training
-    forward pass (a preemption that reaches one rank first).
+    forward pass (a preemption that reaches one rank first). TEST_SIGKILL="<rank>:<n>:<marker file>": that
+    rank dies by SIGKILL in its n-th training forward pass, once (the marker file records that it did).
     """
 
     def __init__(self, num_classes: int = 10):
@@ -28,4 +29,8 @@ class Deterministic(nn.Module):
             rank, _, call = os.environ.get("TEST_SIGTERM", "").partition(":")
             if call and int(call) == self.calls and rank == os.environ.get("RANK", "0"):
                 os.kill(os.getpid(), signal.SIGTERM)
+            rank, call, marker = (os.environ.get("TEST_SIGKILL", "").split(":") + ["", "", ""])[:3]
+            if call and int(call) == self.calls and rank == os.environ.get("RANK", "0") and not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
         return F.log_softmax(self.fc(F.relu(self.conv(x)).flatten(1)), dim=1)

@@ -7,21 +7,27 @@ few cases also run as real processes, to show the in-process answer is the real 
 
 import argparse
 import contextlib
+import gzip
 import io
 import itertools
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import traceback
+import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
-from conftest import ROOT, make_config, run, run_dirs
+from conftest import BASE_CONFIG, ROOT, make_config, run, run_dirs
+from data_loader.datasets import read_idx, write_idx
+from trainer.trainer import Trainer
 
 # The flaky loss below is named by dotted path in configs, so the processes that train must import this file.
 ENV = {"PYTHONPATH": str(ROOT / "tests")}
@@ -39,13 +45,31 @@ def flaky_nll_loss(output: torch.Tensor, target: torch.Tensor, nan_from: int = -
     return loss * float("nan") if nan_from <= call < nan_to else loss
 
 
+def classic_accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
+    """The classic template's metric: a Python float."""
+    return (output.argmax(dim=1) == target).sum().item() / len(target)
+
+
+class ClassicEpochTrainer(Trainer):
+    """A classic template subclass: it trains, validates and steps the scheduler in its own _train_epoch."""
+
+    def _train_epoch(self, epoch):
+        return {}
+
+
+class OldStepTrainer(Trainer):
+    def train_step(self, data, target):
+        return super().train_step((data, target))
+
+
 def flaky_loss(**args) -> dict:
     return {"type": "test_bad_input.flaky_nll_loss", "args": args}
 
 
 # With tiny_mnist and BASE_CONFIG an epoch is 28 training batches (896 samples / 32) and 4 validation
-# batches, so the loss is called 32 times per epoch; call 32 + 5 is epoch 2's 6th training batch.
-EPOCH_CALLS, TRAIN_BATCHES = 32, 28
+# batches, so the loss is called 32 times per epoch, after the 2 calls of the first-batch check (one training,
+# one validation batch); call 2 + 32 + 5 is epoch 2's 6th training batch.
+FIRST_CALLS, EPOCH_CALLS, TRAIN_BATCHES = 2, 32, 28
 
 # A torchvision dataset with config transforms (issue 15): 64 random 1x28x28 images, 16 held out.
 def fake_data(transforms: dict, **args) -> dict:
@@ -119,6 +143,26 @@ CONFIGS = {
     "optimizer named after no model": ({"arch": {"net": {"type": "MnistModel", "args": {}}},
                                         "optimizer": {"nett": {"type": "Adam", "args": {}}}},
                                        ["optimizer.nett: no arch of that name", "did you mean 'net'"]),
+    # runs that would train nothing, or data that do not fit the model: the first-batch check, before any file
+    "validation rounds to 0 samples": ({"data_loader.args.validation_split": 0.0001},
+                                       ["trainer.monitor: 'val_loss' needs validation data", "round to 0 of 1024"]),
+    "drop_last, batch larger than the data": ({"data_loader.args.batch_size": 2000, "data_loader.args.drop_last": True},
+                                              ["the training data give no batch (896 samples, batch_size 2000, "
+                                               "drop_last)"]),
+    "labels outside the model's classes": ({"arch.args.num_classes": 5},
+                                           ["the first training batch fails: IndexError: Target", "is out of bounds"]),
+    "output and target of other shapes": ({"loss": "MSELoss"},
+                                          ["the first training batch fails: RuntimeError: The size of tensor a (10)"]),
+    "truncated data file": ({"data_loader.args.data_dir": "{work}/data_cut"},
+                            ["{work}/data_cut/MNIST/raw/train-images-idx3-ubyte.gz: damaged file (EOFError"]),
+    "data file with a bad header": ({"data_loader.args.data_dir": "{work}/data_header"},
+                                    ["{work}/data_header/MNIST/raw/train-labels-idx1-ubyte.gz: not an IDX file"]),
+    "fewer labels than images": ({"data_loader.args.data_dir": "{work}/data_short"},
+                                 ["{work}/data_short/MNIST/raw/train-labels-idx1-ubyte.gz: 1,000 labels",
+                                  "for the 1,024 images of"]),
+    "labels all 255": ({"data_loader.args.data_dir": "{work}/data_255"},
+                       ["the first training batch fails: IndexError: Target 255 is out of bounds"]),
+    "a 200 KB unknown key": ({"x" * 200_000: 1}, ["unknown key 'xxxxxxxxxx", "...(200,000 characters)'"]),
     "unknown transform type": ({"data_loader": fake_data({"train": [{"type": "RandomCrp", "args": {"size": 28}}]})},
                                ["data_loader.args.transforms.train[0].type: unknown transform type 'RandomCrp'",
                                 "did you mean 'RandomCrop'"]),
@@ -145,6 +189,19 @@ FILES = {
     "top level is a string (YAML)": ("scalar.yml", "just words\n", ["scalar.yml: the top level must be a mapping"]),
     "unknown format": ("config.toml", "name = 'tiny'\n", ["config.toml: unsupported config format"]),
     "not text": ("binary.json", b"\xff\xfe\x00\x01", ["binary.json: cannot read config"]),
+    "YAML alias bomb": ("bomb.yaml", "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{b}: &{b} [{', '.join([f'*{a}'] * 10)}]\n" for a, b in zip("abcdefgh", "bcdefghi")) + "name: *i\n",
+        ["bomb.yaml: the config holds more than 10,000 values"]),
+    "JSON nested 100,000 deep": ("deep.json", '{"name": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                                 ["deep.json: nested more than 32 levels deep"]),
+    "YAML nested 40 deep": ("deep.yaml", "name: tiny\nseed: " + "[" * 40 + "]" * 40 + "\n",
+                            ["deep.yaml: nested more than 32 levels deep"]),
+    "duplicate key (JSON)": ("twice.json", '{"name": "a", "seed": 1, "seed": 2}',
+                             ["twice.json: key 'seed' is given twice in one mapping"]),
+    "duplicate key (YAML)": ("twice.yaml", "name: a\nseed: 1\nseed: 2\n",
+                             ["twice.yaml:3:1: key 'seed' is given twice in one mapping"]),
+    "config file of 2 MB": ("huge.json", '{"name": "' + "x" * 2_000_000 + '"}',
+                            ["huge.json: config file is larger than 1,000,000 bytes"]),
 }
 
 # Command lines. {config} is a good config, {ckpt} a good checkpoint (of a run whose config is good);
@@ -159,7 +216,7 @@ COMMANDS = {
     "--set unknown key": ("train.py", ["-c", "{config}", "--set", "trainer.epoch=3"],
                           ["--set trainer.epoch", "unknown key 'trainer.epoch'", "did you mean 'epochs'"]),
     "--set unparsable value": ("train.py", ["-c", "{config}", "--set", "trainer.epochs=[1"],
-                               ["--set 'trainer.epochs=[1'", "cannot parse value"]),
+                               ["--set trainer.epochs:1:3: invalid YAML"]),
     "--set below a leaf": ("train.py", ["-c", "{config}", "--set", "trainer.epochs.n=1"],
                            ["--set trainer.epochs.n", "'trainer.epochs' is not a mapping"]),
     "--set wrong kind": ("train.py", ["-c", "{config}", "--set", "trainer.epochs=ten"],
@@ -189,7 +246,6 @@ COMMANDS = {
     "resume a run without checkpoints": ("train.py", ["-r", "{work}/empty_run"],
                                          ["{work}/empty_run: no checkpoint (*.pth)"]),
     "resume auto without -c": ("train.py", ["-r", "auto"], ["error: -r auto needs -c"]),
-    "resume auto, no run yet": ("train.py", ["-r", "auto", "-c", "{config}"], ["-r auto: no run of 'tiny'"]),
     "resume with finetune": ("train.py", ["-r", "{ckpt}", "--finetune", "{ckpt}"], ["-r and --finetune"]),
     "resume, bad --set": ("train.py", ["-r", "{ckpt}", "--set", "trainer.epochz=3"],
                           ["--set trainer.epochz: unknown key 'trainer.epochz'"]),
@@ -200,6 +256,25 @@ COMMANDS = {
     "finetune, weights do not fit": ("train.py", ["-c", "{config}", "--finetune", "{work}/misfit.pth"],
                                      ["--finetune {work}/misfit.pth: weights do not fit MnistModel: size mismatch "
                                       "for fc2.weight (checkpoint [5, 50], model [10, 50])"]),
+    "--set alias bomb": ("train.py", ["-c", "{config}", "--set", "trainer.epochs=[&a [1,1,1,1,1,1,1,1,1,1], "
+                                      "&b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+                                      "[*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]]"],
+                         ["--set trainer.epochs: the config holds more than 10,000 values"]),
+    "resume, rng empty": ("train.py", ["-r", "{work}/rng_empty.pth"],
+                          ["{work}/rng_empty.pth: damaged checkpoint: 'rng' is not a list of generator states"]),
+    "resume, rng of dicts without states": ("train.py", ["-r", "{work}/rng_bad.pth"],
+                                            ["{work}/rng_bad.pth: damaged checkpoint: 'rng'"]),
+    "resume, epoch a string": ("train.py", ["-r", "{work}/epoch_str.pth"],
+                               ["{work}/epoch_str.pth: damaged checkpoint: 'epoch' is str, not int"]),
+    "resume, config None": ("train.py", ["-r", "{work}/config_none.pth"],
+                            ["{work}/config_none.pth: damaged checkpoint: 'config' is NoneType, not dict"]),
+    "resume, model a list": ("train.py", ["-r", "{work}/model_list.pth"],
+                             ["{work}/model_list.pth: damaged checkpoint: 'model' is list, not dict"]),
+    "resume, data fingerprint a string": ("train.py", ["-r", "{work}/data_str.pth"],
+                                          ["{work}/data_str.pth: damaged checkpoint: 'data' is str, not dict"]),
+    "test, epoch a string": ("test.py", ["-r", "{work}/epoch_str.pth"], ["{work}/epoch_str.pth: damaged checkpoint"]),
+    "test, truncated data": ("test.py", ["-r", "{ckpt}", "--set", "data_loader.args.data_dir={work}/data_cut"],
+                             ["{work}/data_cut/MNIST/raw/t10k-images-idx3-ubyte.gz: damaged file"]),
     "test without -r": ("test.py", [], ["error: the following arguments are required: -r/--resume (see test.py"]),
     "test, checkpoint missing": ("test.py", ["-r", "{work}/nope.pth"], ["{work}/nope.pth: checkpoint not found"]),
     "test, a directory": ("test.py", ["-r", "{work}/empty_run"], ["{work}/empty_run: not a checkpoint file"]),
@@ -215,6 +290,45 @@ COMMANDS = {
     "test, dataset missing": ("test.py", ["-r", "{ckpt}", "--set", "data_loader.args.data_dir={work}/nodata"],
                               ["{work}/nodata/MNIST/raw/", "t10k-images-idx3-ubyte.gz"]),
 }
+
+# Habits of the classic pytorch-template, each answered with the fix (README: Coming from pytorch-template).
+MIGRATION = {
+    "classic: n_gpu": ({"n_gpu": 1}, ["unknown key 'n_gpu' (the classic template's GPU count: use device (or -d "
+                                      "cuda:0), and torchrun for several GPUs)"]),
+    "classic: a float metric": ({"metrics": ["test_bad_input.classic_accuracy"], "trainer.monitor": "off"},
+                                ["the first training batch fails: metric 'test_bad_input.classic_accuracy' returned "
+                                 "float", "keep it a tensor: no .item()"]),
+    "classic: a helper as a data loader": ({"data_loader": {"type": "read_image", "args": {}}},
+                                           ["'read_image' in data_loader.data_loaders is not listed as a data_loader",
+                                            "name it by dotted path"]),
+    "classic: _train_epoch override": ({"trainer.type": "test_bad_input.ClassicEpochTrainer"},
+                                       ["trainer.type: ClassicEpochTrainer overrides _train_epoch",
+                                        "override train_step"]),
+    "classic: train_step(data, target)": ({"trainer.type": "test_bad_input.OldStepTrainer"},
+                                          ["trainer.type: OldStepTrainer.train_step must take one argument, "
+                                           "the batch"]),
+}
+MIGRATION_COMMANDS = {
+    "classic: -d 0": ("train.py", ["-c", "{config}", "-d", "0"], ["--device: unknown device '0'", "use -d cuda:0"]),
+    "classic: -d 0,1": ("train.py", ["-c", "{config}", "-d", "0,1"], ["use -d cuda:0, or torchrun for several"]),
+    "classic: monitor off in YAML": ("train.py", ["-c", "{work}/monitor_off.yaml"],
+                                     ["monitor_off.yaml: trainer.monitor: expected a string, got False",
+                                      "quote the word, 'off'"]),
+    "classic: --set monitor=off": ("train.py", ["-c", "{config}", "--set", "trainer.monitor=off"],
+                                   ["trainer.monitor: expected a string, got False", "quote the word"]),
+    "classic: resume a classic checkpoint": ("train.py", ["-r", "{work}/classic.pth"],
+                                             ["classic pytorch-template checkpoint",
+                                              "scripts/convert_classic_checkpoint.py"]),
+    "classic: test a classic checkpoint": ("test.py", ["-r", "{work}/classic.pth"],
+                                           ["convert it with scripts/convert_classic_checkpoint.py"]),
+    "classic: resume a converted checkpoint": ("train.py", ["-r", "{work}/converted.pth"],
+                                               ["{work}/converted.pth: holds model weights but no run state",
+                                                "--finetune"]),
+    "classic: -r with -c to fine-tune": ("train.py", ["-r", "{ckpt}", "-c", "{work}/other_arch.json"],
+                                         ["arch differs from the checkpoint's", "use --finetune"]),
+}
+CONFIGS.update(MIGRATION)
+COMMANDS.update(MIGRATION_COMMANDS)
 
 # Cases that also run as real processes.
 REAL = ["invalid JSON", "unknown optimizer type", "cuda without CUDA", "resume pickled objects", "test without -r",
@@ -274,9 +388,48 @@ def make_workspace(work: Path, data_dir: Path, run_ckpt: Path) -> Path:
     (work / "empty.pth").write_bytes(b"")
     state = torch.load(ckpt, weights_only=True)
     torch.save({**state, "version": 99}, work / "future.pth")
+    malformed = {"rng_empty": {"rng": []}, "rng_bad": {"rng": [{}]}, "epoch_str": {"epoch": "3"},
+                 "config_none": {"config": None}, "model_list": {"model": [1, 2]}, "data_str": {"data": "x"}}
+    for name, change in malformed.items():
+        torch.save({**state, **change}, work / f"{name}.pth")
+    write_broken_data(work, data_dir)
+    write_classic_files(work, data_dir, state)
     state["model"] = {k: v[:5] if k.startswith("fc2") else v for k, v in state["model"].items()}  # 5 classes
     torch.save(state, work / "misfit.pth")
     return ckpt
+
+
+def write_classic_files(work: Path, data_dir: Path, state: dict) -> None:
+    """classic.pth (pickles a stand-in parse_config.ConfigParser, as the classic template's do), converted.pth
+    (weights and config only, as the converter writes), monitor_off.yaml and other_arch.json."""
+    stand_in = types.ModuleType("parse_config")
+    stand_in.ConfigParser = type("ConfigParser", (), {"__module__": "parse_config"})
+    sys.modules["parse_config"] = stand_in
+    try:
+        torch.save({"arch": "MnistModel", "state_dict": state["model"], "config": stand_in.ConfigParser()},
+                   work / "classic.pth")
+    finally:
+        del sys.modules["parse_config"]
+    torch.save({key: state[key] for key in ("version", "arch", "model", "config")}, work / "converted.pth")
+    config = {**BASE_CONFIG, "trainer": {**BASE_CONFIG["trainer"], "monitor": "MONITOR"}}
+    (work / "monitor_off.yaml").write_text(yaml.safe_dump(config).replace("MONITOR", "off"))
+    write_config(work, data_dir, "other_arch.json", {"arch.args.num_classes": 5})
+
+
+def write_broken_data(work: Path, data_dir: Path) -> None:
+    """Copies of the tiny MNIST, each damaged one way: data_cut, data_header, data_short, data_255."""
+    raw = data_dir / "MNIST" / "raw"
+    images, labels = (read_idx(raw / f"train-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1"))
+    for name in ("data_cut", "data_header", "data_short", "data_255"):
+        shutil.copytree(data_dir, work / name)
+    for split in ("train", "t10k"):  # cut short: half of each gzip stream
+        target = work / "data_cut" / "MNIST" / "raw" / f"{split}-images-idx3-ubyte.gz"
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with gzip.open(work / "data_header" / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"PK\x03\x04 not an IDX file")
+    write_idx(work / "data_short" / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz", labels[:1000].contiguous())
+    write_idx(work / "data_255" / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz", torch.full_like(labels, 255))
+    assert len(images) == 1024
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -314,7 +467,7 @@ def drive(cases_file: str) -> None:
 def stopped_run(tmp_path_factory, tiny_mnist) -> tuple[Path, subprocess.CompletedProcess]:
     """A 3-epoch run whose loss turns NaN at epoch 2's 6th batch: it must stop there, keeping epoch 1."""
     tmp_path = tmp_path_factory.mktemp("stopped")
-    loss = flaky_loss(nan_from=EPOCH_CALLS + 5, nan_to=10**9)
+    loss = flaky_loss(nan_from=FIRST_CALLS + EPOCH_CALLS + 5, nan_to=10**9)
     config = make_config(tmp_path, tiny_mnist, {"trainer.epochs": 3, "trainer.tensorboard": False, "loss": loss})
     result = run("train.py", "-c", config, env=ENV)
     (run_dir,) = run_dirs(tmp_path / "saved")
@@ -359,7 +512,8 @@ def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_checkpoin
 def test_skip_counts_nan_steps_and_nan_weights_are_never_saved(tmp_path, tiny_mnist):
     """on_nonfinite: skip skips epoch 1's batches 4-6; a finite loss with NaN gradients on epoch 2's last
     batch makes NaN weights, which stop the run unsaved: epoch 1's checkpoints stay."""
-    loss = flaky_loss(nan_from=3, nan_to=6, nan_grad_at=EPOCH_CALLS + TRAIN_BATCHES - 1)
+    loss = flaky_loss(nan_from=FIRST_CALLS + 3, nan_to=FIRST_CALLS + 6,
+                      nan_grad_at=FIRST_CALLS + EPOCH_CALLS + TRAIN_BATCHES - 1)
     config = make_config(tmp_path, tiny_mnist, {"trainer.on_nonfinite": "skip", "trainer.tensorboard": False,
                                                 "loss": loss})
     result = run("train.py", "-c", config, env=ENV)
@@ -378,6 +532,7 @@ def test_skip_counts_nan_steps_and_nan_weights_are_never_saved(tmp_path, tiny_mn
 
 def test_the_table_is_large_and_distinct():
     cases = [*CONFIGS, *FILES, *COMMANDS]
+    assert len(MIGRATION) + len(MIGRATION_COMMANDS) >= 12
     assert len(set(cases)) == len(cases) >= 40
     assert set(REAL) <= set(cases)
 

@@ -236,7 +236,7 @@ def make_trainer(run_dir: Path, config_file: Path, trainer_class: type = Trainer
     optimizer = config.build("optimizer", model.parameters())
     run_dir.mkdir()
     return trainer_class(model, config.build_loss(), config.build_metrics(), optimizer, config, torch.device("cpu"),
-                         run_dir, loader, loader.split_validation(), config.build("lr_scheduler", optimizer))
+                         loader, loader.split_validation(), config.build("lr_scheduler", optimizer), run_dir)
 
 
 def assert_same_state(a, b, where: str = "state") -> None:

@@ -128,7 +128,7 @@ def test_base_config_has_every_required_top_level_key():
     ("arch", {"type": "os.system", "args": {"command": "true"}}, "'os.system' is not a model (an nn.Module)"),
     ("arch", {"type": "torch.optim.SGD", "args": {}}, "'torch.optim.SGD' is not a model (an nn.Module)"),
     ("optimizer", {"type": "torch.nn.Linear", "args": {}}, "is not an optimizer (a torch.optim.Optimizer)"),
-    ("data_loader.type", "read_rgb_image", "unknown data_loader type 'read_rgb_image'"),
+    ("data_loader.type", "read_image", "unknown data_loader type 'read_image'"),
     ("lr_scheduler", {"type": "torch.optim.Adam", "args": {}}, "is not an LR scheduler"),
     ("loss", {"type": "builtins.len"}, "'builtins.len' is not a function or class"),
     ("loss", {"type": "data_loader.datasets.read_idx"}, "cannot be called with (output, target)"),

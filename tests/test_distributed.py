@@ -7,6 +7,7 @@ show in the validation metrics. With 'max val_loss' and early_stop 1 every run s
 of 4 (val_loss falls after epoch 1), so early stopping is decided on rank 0 in every DDP run.
 """
 
+import concurrent.futures
 import json
 import os
 import re
@@ -123,8 +124,9 @@ def test_two_processes_match_one_with_twice_the_batch(reference):
 
 def test_only_rank_zero_writes(reference):
     run_dir = reference["ddp"]
-    assert {p.name for p in run_dir.iterdir()} == {"config.json", "train.log", "tensorboard", "latest.pth",
-                                                   "model_best.pth", "checkpoint-epoch1.pth", "checkpoint-epoch2.pth"}
+    assert {p.name for p in run_dir.iterdir()} == {"config.json", "train.log", "metrics.csv", "tensorboard",
+                                                   "latest.pth", "model_best.pth", "checkpoint-epoch1.pth",
+                                                   "checkpoint-epoch2.pth", "run.lock"}
     # one writer process: TensorBoard names its files events.out.tfevents.<time>.<host>.<pid>.<n>
     pids = {p.name.split(".")[-2] for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}
     assert len(pids) == 1
@@ -194,14 +196,16 @@ def test_two_nodes_on_loopback_resume_a_single_process_checkpoint(tmp_path, refe
     port = free_port()
     nodes = [launch("--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
                     f"--master_port={port}", "train.py", "-d", "cpu", "-r", checkpoint, "--bs", "8", "--trust-config",
-                    "--set", "trainer.accum_steps=2")
+                    "--set", "trainer.accum_steps=2", f"trainer.save_dir={tmp_path / 'saved'}")
              for rank in (0, 1)]
-    try:
-        (code0, out0), (code1, out1) = finish(nodes[0]), finish(nodes[1])
+    try:  # both outputs are read at once: a node blocked on a full pipe would block the other
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            (code0, out0), (code1, out1) = pool.map(finish, nodes)
     finally:
         for node in nodes:
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGKILL)
     assert code0 == 0 and code1 == 0, out0[-3000:] + out1[-3000:]
     assert "Training on cpu (2 processes)" in out0 and "Early stop" in out0
-    assert_same_weights(checkpoint.parent / "latest.pth", reference["single"] / "latest.pth")
+    (run_dir,) = run_dirs(tmp_path / "saved")  # a lone checkpoint continues in a new run directory
+    assert_same_weights(run_dir / "latest.pth", reference["single"] / "latest.pth")

@@ -116,6 +116,20 @@ def test_image_folder_problems_name_the_folder_or_file(tmp_path):
         config.build("data_loader")
 
 
+def test_an_unreadable_image_read_by_a_worker_is_one_line_before_the_run_starts(tmp_path, image_folder):
+    """The first-batch check reads every image here (one batch holds them all), in DataLoader workers."""
+    touch(image_folder / "train" / "dark" / "broken.png", "not an image")
+    save_dir = tmp_path / "saved"
+    result = run("train.py", "-c", ROOT / "configs/image_folder.json", "--bs", "64", "--set",
+                 f"data_loader.args.data_dir={image_folder}", "data_loader.args.image_size=32",
+                 "data_loader.args.drop_last=false", f"trainer.save_dir={save_dir}")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {ROOT / 'configs/image_folder.json'}: the first training batch fails: "
+                           f"{image_folder / 'train' / 'dark' / 'broken.png'}: cannot read image: "), line
+    assert not save_dir.exists()
+
+
 # ---- a custom loss and metric ------------------------------------------------------------------------
 def test_focal_loss_and_true_class_prob():
     logits = torch.tensor([[4.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
@@ -176,7 +190,7 @@ def test_trainer_subclass_overrides_the_steps(tmp_path, tiny_mnist):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     trainer = FrozenTrainer(model, config.build_loss(), config.build_metrics(), optimizer, config,
-                            torch.device("cpu"), run_dir, data_loader, valid_data_loader)
+                            torch.device("cpu"), data_loader, valid_data_loader, run_dir=run_dir)
     result = trainer.train()
 
     assert trainer.train_calls == trainer.global_step == len(data_loader)

@@ -53,8 +53,8 @@ def make_trainer(tmp_path, options: dict, batch_size: int = 8, lr: float = 0.1, 
     lr_scheduler = config.build("lr_scheduler", optimizer) if scheduler else None
     run_dir = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
     run_dir.mkdir()
-    return Trainer(model, F.cross_entropy, {}, optimizer, config, device, run_dir,
-                   tiny_loader(batch_size).to(device), lr_scheduler=lr_scheduler)
+    return Trainer(model, F.cross_entropy, {}, optimizer, config, device, tiny_loader(batch_size).to(device),
+                   lr_scheduler=lr_scheduler, run_dir=run_dir)
 
 
 def weights(trainer: Trainer) -> torch.Tensor:

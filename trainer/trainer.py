@@ -5,13 +5,16 @@ import contextlib
 import inspect
 import itertools
 import logging
+import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 from base import BaseTrainer
 from utils import dist
-from utils.errors import TrainingError, UserError
+from utils.errors import TrainingError, UserError, last_words
+from utils.profiler import profiled
 
 log = logging.getLogger("train")
 NOT_LOGGED = ("output", "target")  # what a step returns for the metrics, not as a value of its own
@@ -59,6 +62,18 @@ def describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return f"{type(value).__name__} {str(value)[:60]!r}"
+
+
+@contextlib.contextmanager
+def failing_batch(what: str):
+    """An error of the data, the model or the loss on a batch (a wrong shape, a label out of range, a damaged
+    file) as one line naming `what` and the error's own last words (a worker's error is a whole traceback)."""
+    try:
+        yield
+    except UserError as e:  # a step or metric of the wrong kind, a file a data loader cannot read
+        raise UserError(f"{what}: {last_words(e)}") from None
+    except (RuntimeError, IndexError, ValueError, TypeError, OSError) as e:
+        raise UserError(f"{what}: {type(e).__name__}: {last_words(e)[:300]}") from None
 
 
 class MetricTracker:
@@ -162,11 +177,12 @@ class Trainer(BaseTrainer):
     """Supervised training: batches of (data, target), one model, one optimizer, by default. A subclass
     changes `train_step`/`valid_step`; with several models its train_step calls `optimize` per optimizer."""
 
-    def __init__(self, model, criterion, metric_fns, optimizer, config, device, run_dir, data_loader,
-                 valid_data_loader=None, lr_scheduler=None):
+    def __init__(self, model, criterion, metric_fns, optimizer, config, device, data_loader,
+                 valid_data_loader=None, lr_scheduler=None, run_dir=None):
         super().__init__(model, criterion, metric_fns, optimizer, config, device, run_dir, lr_scheduler)
         self._check_overrides()
         self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
+        self.data_fingerprint = data_loader.fingerprint()
         self.train_metrics = MetricTracker(metric_fns, device, f"{type(self).__name__}.train_step")
         self.accum_steps, self.grad_clip = self.options["accum_steps"], self.options["grad_clip"]
         self.memory_format = torch.channels_last if self.options["channels_last"] else torch.preserve_format
@@ -187,16 +203,41 @@ class Trainer(BaseTrainer):
 
     def _check_overrides(self) -> None:
         """A subclass written for the old contract, or for the classic template, fails here with the fix."""
+        where = f"{self.config.source}: trainer.type: {type(self).__name__}"
         for name in ("train_step", "valid_step"):
             if len(inspect.signature(getattr(self, name)).parameters) != 1:
-                raise UserError(f"{type(self).__name__}.{name} must take one argument, the batch, and return a "
-                                "mapping with 'loss' (README: Custom training steps)")
+                raise UserError(f"{where}.{name} must take one argument, the batch, and return a mapping with "
+                                "'loss' (README: Custom training steps)")
         if type(self)._train_epoch is not Trainer._train_epoch:
-            raise UserError(f"{type(self).__name__} overrides _train_epoch: the loop validates, steps the schedulers "
-                            "and counts steps for you; override train_step and valid_step instead")
+            raise UserError(f"{where} overrides _train_epoch: the loop validates, steps the schedulers and counts "
+                            "steps for you; override train_step and valid_step instead")
 
     def stateful(self) -> dict:
         return {**super().stateful(), "train_tracker": self.train_metrics}  # an interrupted epoch's running sums
+
+    def state_dict(self) -> dict:
+        """The run state, the data fingerprint (a resume checks it is the same data) and the class names of the
+        outputs (for predict.py; [] when the data have none)."""
+        return {**super().state_dict(), "data": self.data_fingerprint,
+                "classes": list(getattr(self.data_loader, "classes", []))}
+
+    def check_first_batches(self) -> None:
+        """One training and one validation batch through valid_step and the metrics before the run starts, so
+        that wrong shapes, labels out of range and damaged data fail in one line before anything is written.
+        Nothing learns (evaluation mode, no gradients) and every random generator is restored afterwards."""
+        source = self.config.source
+        if self.valid_data_loader is None and self.monitor_key.startswith("val_"):
+            raise UserError(f"{source}: trainer.monitor: '{self.monitor_key}' needs validation data, and the data "
+                            f"loader gives none (does validation_split round to 0 of {self.data_loader.n_samples} "
+                            "samples?)")
+        for split, loader in (("training", self.data_loader), ("validation", self.valid_data_loader)):
+            if loader is not None and len(loader) == 0:
+                raise UserError(f"{source}: data_loader: the {split} data give no batch ({loader.n_samples} samples, "
+                                f"batch_size {loader.batch_size}{', drop_last' if loader.drop_last else ''})")
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                    warnings.catch_warnings(action="ignore"), failing_batch(f"{source}: the first {split} batch fails"):
+                if loader is not None:
+                    self.evaluate(itertools.islice(loader.batches(), 1))
 
     # ---- the steps: what a subclass overrides --------------------------------------------------------------
     def train_step(self, batch) -> dict:
@@ -235,7 +276,10 @@ class Trainer(BaseTrainer):
         skip, n_batches = self._start_epoch(epoch)
         batch_size = self.data_loader.batch_size
         bar = self.progress_bar(epoch, n_batches * batch_size, skip * batch_size)
-        for batch_idx, batch in enumerate(self._epoch_batches(epoch, skip), start=skip):
+        batches = self._epoch_batches(epoch, skip)
+        if self.profiler is not None:  # trainer.profile: looked for once an epoch, not per step
+            batches = profiled(batches, self.profiler)
+        for batch_idx, batch in enumerate(batches, start=skip):
             batch = to_device(batch, self.device, self.memory_format)
             last = batch_idx + 1 == n_batches
             self._stepping = (batch_idx + 1) % self.accum_steps == 0 or last
@@ -326,14 +370,23 @@ class Trainer(BaseTrainer):
         if self._stop_requested():
             bar.close()
             self._stop_now()
-        if self.options["save_step"] and self.global_step % self.options["save_step"] == 0:
+        if self._save_due():
             self._save(["latest.pth"])
+
+    def _save_due(self) -> bool:
+        """Every save_step optimizer steps; or, at log intervals, when save_minutes have passed since the last
+        save (rank 0's clock decides, so every rank agrees)."""
+        if self.options["save_step"] and self.global_step % self.options["save_step"] == 0:
+            return True
+        if not self.options["save_minutes"] or self.global_step % self.log_step:
+            return False
+        return dist.broadcast_flag(time.monotonic() - self.last_save >= 60 * self.options["save_minutes"], self.device)
 
     def _end_epoch(self, epoch: int) -> dict[str, float]:
         if not self.train_metrics.count:  # never report a metric of 0 for an epoch that learnt nothing
             why = ("every step had a NaN/Inf loss and was skipped" if self.skipped_steps else
                    "no training batch: is batch_size larger than the training data, with drop_last?")
-            raise TrainingError(f"epoch {epoch} trained no step ({why}); stopping")
+            raise TrainingError(f"epoch {epoch} trained no step ({why}); stopping; {self.kept()}")
         result = self.train_metrics.result()
         if self.skipped_steps:
             result["skipped_steps"] = self.skipped_steps
@@ -385,8 +438,8 @@ class Trainer(BaseTrainer):
         bad = self.train_metrics.first_nonfinite()
         if dist.any_flag(bad is not None, self.device):
             where = f"batch {bad + 1}" if bad is not None else "on another rank"
-            raise TrainingError(f"loss is NaN or Inf at epoch {epoch}, {where}: stopping; the last good "
-                                f"checkpoint in {self.run_dir} is kept (lower the learning rate or clip gradients)")
+            raise TrainingError(f"loss is NaN or Inf at epoch {epoch}, {where}: stopping; {self.kept()} "
+                                "(lower the learning rate or clip gradients)")
 
     def _log_progress(self, bar) -> None:
         values = {**self.train_metrics.interval_result(), **self.learning_rates()}

@@ -4,6 +4,7 @@ A checkpoint is one plain dict (state dicts, numbers, strings, the config as a d
 `torch.load(path, weights_only=True)`; nothing else is ever used to load one.
 """
 
+import contextlib
 import io
 import logging
 import os
@@ -48,7 +49,8 @@ def save_atomic(data: bytes, path: Path, what: str = "checkpoint") -> None:
         finally:
             os.close(dir_fd)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # clean-up must not mask the error that matters
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise TrainingError(f"cannot write {what} {path}: {e.strerror or e}") from None
         raise
@@ -62,7 +64,9 @@ def remove_stale_temporaries(folder: Path) -> None:
 
 # The type of each field a checkpoint of this project has (a field of another type is refused on load).
 FIELDS = {"version": int, "arch": str, "epoch": int, "batch_in_epoch": int, "global_step": int, "model": dict,
-          "optimizer": dict, "monitor_best": float, "not_improved_count": int, "rng": list, "config": dict}
+          "optimizer": dict, "monitor_best": float, "not_improved_count": int, "rng": list, "config": dict,
+          "data": dict, "classes": list}
+RNG_KEYS = {"python", "numpy", "torch", "cuda"}
 
 
 def load(path: str | Path) -> dict:
@@ -83,6 +87,9 @@ def load(path: str | Path) -> dict:
     for key, kind in FIELDS.items():
         if key in state and (not isinstance(state[key], kind) or kind is int and isinstance(state[key], bool)):
             raise UserError(f"{path}: damaged checkpoint: '{key}' is {type(state[key]).__name__}, not {kind.__name__}")
+    rngs = state.get("rng", [{key: None for key in RNG_KEYS}])
+    if not rngs or not all(isinstance(r, dict) and r.keys() == RNG_KEYS for r in rngs):
+        raise UserError(f"{path}: damaged checkpoint: 'rng' is not a list of generator states")
     if state.get("version", 0) > VERSION:
         raise UserError(f"{path}: checkpoint version {state['version']} is newer than this code ({VERSION})")
     return state
@@ -92,6 +99,9 @@ def load_failure(error: Exception) -> str:
     """Why torch.load refused a file, in a few words (its own messages run to paragraphs)."""
     text = str(error)
     unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)  # its two wordings
+    if unsafe and unsafe[1].startswith("parse_config."):
+        return ("it is a classic pytorch-template checkpoint (it pickles parse_config.ConfigParser): convert it "
+                "with scripts/convert_classic_checkpoint.py, then use --finetune or test.py -r")
     if unsafe:
         return f"it holds a Python object ({unsafe[1]}), refused for safety"
     if "Weights only load failed" in text:
@@ -132,13 +142,41 @@ def load_newest(run_dir: Path) -> tuple[Path, dict]:
     raise UserError(f"{run_dir}: none of its {len(files)} checkpoints loads")
 
 
-def newest_run(save_dir: Path, name: str) -> Path:
-    """The newest run folder of config `name` (`-r auto`)."""
-    runs = sorted((p for p in (Path(save_dir) / name).glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime_ns)
-    runs = [p for p in runs if candidates(p)]
-    if not runs:
-        raise UserError(f"-r auto: no run of '{name}' with a checkpoint under {Path(save_dir) / name}")
-    return runs[-1]
+RUN_ID = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")  # <YYYYmmdd-HHMMSS>[-N], as train.py names runs
+
+
+def newest_run(save_dir: Path, name: str) -> Path | None:
+    """The run of config `name` started last (`-r auto`), by its id: not by folder times, which any file
+    written into an old run (a test result) would change. None when there is none."""
+    runs = [(m[1], int(m[2] or 1), p) for p in (Path(save_dir) / name).glob("*")
+            if p.is_dir() and (m := RUN_ID.fullmatch(p.name))]
+    return max(runs)[2] if runs else None
+
+
+def is_run_dir(folder: Path) -> bool:
+    """A run directory made by train.py (a resume continues there); a lone checkpoint elsewhere is not in one."""
+    return (folder / "config.json").is_file() and (folder / "train.log").is_file()
+
+
+def lock_run(run_dir: Path):
+    """Hold `run_dir/run.lock` while this process trains there: a second process gets one line naming the
+    holder. The operating system drops the lock when its process dies, so a killed run never blocks the next."""
+    import fcntl
+    import socket
+
+    lock = open(run_dir / "run.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{run_dir}: in use by {holder} (run.lock); wait for it to end or stop it") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 # ---- random number generators -----------------------------------------------------------------

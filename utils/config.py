@@ -64,6 +64,9 @@ INJECTED = {
 }
 
 SCHEDULER_INTERVALS = ("epoch", "step")
+# Bounds on what a config may hold: a file larger, or nested deeper, or with more values (a YAML alias
+# counts each time it is used) is refused before anything reads it further.
+MAX_BYTES, MAX_DEPTH, MAX_VALUES = 1_000_000, 32, 10_000
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -72,42 +75,100 @@ def load_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        raise UserError(f"{path}: unsupported config format '{path.suffix}' (use .json, .yaml or .yml)")
     try:
+        if path.stat().st_size > MAX_BYTES:
+            raise UserError(f"{path}: config file is larger than {MAX_BYTES:,} bytes")
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read config: {e}") from None
     if not text.strip():
         raise UserError(f"{path}: config file is empty")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    elif path.suffix in (".yaml", ".yml"):
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    else:
-        raise UserError(f"{path}: unsupported config format '{path.suffix}' (use .json, .yaml or .yml)")
+    try:
+        data = parse_json(text, path) if path.suffix == ".json" else parse_yaml(text, path)
+    except RecursionError:
+        raise UserError(f"{path}: nested more than {MAX_DEPTH} levels deep") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of keys to values, not {type(data).__name__}")
+    check_bounds(data, str(path))
     return data
+
+
+def parse_json(text: str, path: Path) -> Any:
+    def unique_keys(pairs: list) -> dict:
+        keys = [key for key, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise UserError(f"{path}: key {shorten(key)!r} is given twice in one mapping")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                mark = key_node.start_mark
+                raise UserError(f"{self.name}:{mark.line + 1}:{mark.column + 1}: key {shorten(str(key))!r} "
+                                "is given twice in one mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, path: Path) -> Any:
+    loader = UniqueKeyLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    finally:
+        loader.dispose()
+
+
+def check_bounds(data: Any, where: str) -> None:
+    """Refuse a config nested deeper than MAX_DEPTH or holding more than MAX_VALUES values (a YAML alias
+    bomb expands to billions): checked without expanding it, before anything prints or copies it."""
+    count, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise UserError(f"{where}: the config holds more than {MAX_VALUES:,} values")
+        if depth > MAX_DEPTH:
+            raise UserError(f"{where}: nested more than {MAX_DEPTH} levels deep")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """A value quoted in an error message, cut to `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text):,} characters)"
 
 
 def parse_override(expr: str) -> tuple[list[str], Any]:
     """`optimizer.args.lr=0.01` -> (['optimizer', 'args', 'lr'], 0.01); values are YAML scalars/lists."""
     key, sep, raw = expr.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
-        raise UserError(f"--set {expr!r}: expected KEY=VALUE, e.g. trainer.epochs=3")
+        raise UserError(f"--set {shorten(expr)!r}: expected KEY=VALUE, e.g. trainer.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        if isinstance(value, str) and NUMBER.fullmatch(raw.strip()):
-            value = float(raw)  # YAML 1.1 reads 1e-3 as a string; on a command line it means a number
-    except yaml.YAMLError as e:
-        raise UserError(f"--set {expr!r}: cannot parse value: {getattr(e, 'problem', e)}") from None
+        value = parse_yaml(raw, f"--set {key}") if raw.strip() else ""
+    except RecursionError:
+        raise UserError(f"--set {key}: nested more than {MAX_DEPTH} levels deep") from None
+    check_bounds(value, f"--set {key}")
+    if isinstance(value, str) and NUMBER.fullmatch(raw.strip()):
+        value = float(raw)  # YAML 1.1 reads 1e-3 as a string; on a command line it means a number
     return key.split("."), value
 
 
@@ -140,12 +201,20 @@ def check_type(value: Any, default: Any, where: str) -> None:
     if expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok:
-        raise UserError(f"{where}: expected {KIND_NAMES.get(expected, expected.__name__)}, got {value!r}")
+        quote = " (YAML reads off, no, yes and on as false/true: quote the word, 'off')" if (
+            expected is str and isinstance(value, bool)) else ""
+        raise UserError(f"{where}: expected {KIND_NAMES.get(expected, expected.__name__)}, got "
+                        f"{shorten(repr(value))}{quote}")
+
+
+# Keys of the classic pytorch-template that have no place here, and what replaces them.
+CLASSIC_KEYS = {"n_gpu": "the classic template's GPU count: use device (or -d cuda:0), and torchrun for several GPUs"}
 
 
 def check_keys(given: dict, allowed, where: str) -> None:
     """Every unknown key of `given` in one message, each with its closest allowed key."""
-    unknown = [f"'{key}'{suggest(str(key), allowed)}" for key in given if key not in allowed]
+    unknown = [f"'{shorten(str(key))}'" + (f" ({CLASSIC_KEYS[key]})" if key in CLASSIC_KEYS else
+                                           suggest(str(key), allowed)) for key in given if key not in allowed]
     if unknown:
         keys = "key" if len(unknown) == 1 else "keys"
         raise UserError(f"{where}: unknown {keys} {', '.join(unknown)}; allowed: {', '.join(allowed)}")
@@ -162,7 +231,7 @@ def with_defaults(raw: dict, source: str, restricted: bool = False) -> dict:
                 raise UserError(f"{source}: missing required key '{key}'")
             config[key] = copy.deepcopy(default)
     if not isinstance(config["trainer"], dict):
-        raise UserError(f"{source}: trainer: expected a mapping, got {config['trainer']!r}")
+        raise UserError(f"{source}: trainer: expected a mapping, got {shorten(repr(config['trainer']))}")
     trainer_type = config["trainer"].get("type", trainer_options.DEFAULTS["type"])
     defaults = resolve("trainer", str(trainer_type), f"{source}: trainer.type", restricted).DEFAULTS
     config["trainer"] = {**copy.deepcopy(defaults), **config["trainer"]}
@@ -198,6 +267,7 @@ class ConfigParser:
     def from_dict(cls, raw: dict, source: str, overrides: list[str] = (), restricted: bool = False) -> "ConfigParser":
         if not isinstance(raw, dict):
             raise UserError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
+        check_bounds(raw, source)
         config = with_defaults(raw, source, restricted)
         for expr in overrides:
             apply_override(config, *parse_override(expr))
@@ -218,7 +288,7 @@ class ConfigParser:
         for key in ("name", "seed", "deterministic", "device", "metrics", "trainer"):
             check_type(cfg[key], TOP_LEVEL[key], f"{src}: {key}")
         if not cfg["name"] or "/" in cfg["name"]:
-            raise UserError(f"{src}: name: must be a non-empty name without '/', got {cfg['name']!r}")
+            raise UserError(f"{src}: name: must be a non-empty name without '/', got {shorten(repr(cfg['name']))}")
         self._check_trainer()
         for role in ("arch", "data_loader", "optimizer", "loss", "lr_scheduler"):
             for where, spec in specs_of(role, cfg[role]) if cfg[role] is not None else []:
@@ -269,14 +339,14 @@ class ConfigParser:
         if isinstance(spec, str) and role in ("loss", "metrics"):
             spec = {"type": spec}
         if not isinstance(spec, dict):
-            raise UserError(f"{where}: expected a mapping with 'type' and 'args', got {spec!r}")
+            raise UserError(f"{where}: expected a mapping with 'type' and 'args', got {shorten(repr(spec))}")
         allowed = ["type", "args"] + (["interval"] if role == "lr_scheduler" else [])
         check_keys(spec, allowed, where)
         if not isinstance(spec.get("type"), str):
             raise UserError(f"{where}.type: missing or not a string")
         args = spec.get("args", {})
         if not isinstance(args, dict):
-            raise UserError(f"{where}.args: expected a mapping, got {args!r}")
+            raise UserError(f"{where}.args: expected a mapping, got {shorten(repr(args))}")
         if role == "lr_scheduler" and spec.get("interval", "epoch") not in SCHEDULER_INTERVALS:
             raise UserError(f"{where}.interval: expected one of {SCHEDULER_INTERVALS}, got {spec['interval']!r}")
         target = resolve(role, spec["type"], f"{where}.type", self.restricted)
@@ -461,6 +531,17 @@ def _candidates(module_name: str, role: str) -> dict[str, Callable]:
     return found
 
 
+def unlisted_hint(role: str, type_name: str) -> str:
+    """Why a name defined in a role module is not listed: it is not of the role's kind, or a function that
+    does not say what it returns."""
+    for module_name in ROLE_MODULES[role]:
+        if not module_name.startswith("torch.") and callable(getattr(importlib.import_module(module_name),
+                                                                        type_name, None)):
+            return (f" ('{type_name}' in {module_name} is not listed as a {role}: a function must be annotated with "
+                    f"what it returns; name it by dotted path, '{module_name}.{type_name}', if it is one)")
+    return ""
+
+
 def resolve(role: str, type_name: str, where: str, restricted: bool = False) -> Callable:
     """The callable a config's `type` names, looked up in the role's modules or as a dotted path, and
     of the role's kind. `restricted`: the config came from a checkpoint, so a dotted path may only
@@ -487,7 +568,7 @@ def resolve(role: str, type_name: str, where: str, restricted: bool = False) -> 
         if type_name not in available:
             listing = ", ".join(sorted(available))
             raise UserError(f"{where}: unknown {role} type '{type_name}'{suggest(type_name, available)}; "
-                            f"available: {listing}")
+                            f"available: {listing}{unlisted_hint(role, type_name)}")
         target = available[type_name]
     problem = kind_problem(role, target)
     if problem:

@@ -1,6 +1,7 @@
 """Which device a process trains on: the config's or the command line's, never a silent fallback."""
 
 import os
+import re
 
 import torch
 
@@ -15,6 +16,8 @@ def select_device(name: str, where: str = "device") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     use = "use auto, cpu, cuda, cuda:N or mps"
+    if re.fullmatch(r"[\d,]+", name):  # the classic template's -d 0 / -d 0,1 (GPU indices)
+        use = f"GPU indices are the classic template's -d: use -d cuda:{name.split(',')[0]}, or torchrun for several"
     try:
         device = torch.device(name)
     except RuntimeError:

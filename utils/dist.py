@@ -29,7 +29,16 @@ def launched_by_torchrun() -> bool:
 def init(device: torch.device) -> None:
     """Join the process group torchrun describes (env:// rendezvous): NCCL on CUDA, gloo on CPU."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    device_id = device if device.type == "cuda" else None
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restarts:
+        dist.init_process_group(backend, device_id=device_id)
+        return
+    # torchrun --max-restarts keeps its store across restarts: a restarted group must not read the keys of the
+    # group that died (gloo would connect to a dead worker's address: "connectFullMesh failed")
+    store, rank, world = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"restart{restarts}/", store), rank=rank,
+                            world_size=world, device_id=device_id)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

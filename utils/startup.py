@@ -2,6 +2,7 @@
 checkpoint's config as data), the device, the process group under torchrun, and the seeds."""
 
 import argparse
+import json
 
 import torch
 
@@ -17,7 +18,7 @@ SHORTCUTS = {"lr": "optimizer.args.lr", "bs": "data_loader.args.batch_size", "ep
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help="config file (.json, .yaml); with -r, used instead of the checkpoint's")
     parser.add_argument("-d", "--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's, else auto)")
-    parser.add_argument("--bs", type=int, help=f"shortcut for --set {SHORTCUTS['bs']}=...")
+    parser.add_argument("--bs", "--batch_size", type=int, help=f"shortcut for --set {SHORTCUTS['bs']}=...")
     parser.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
                         help="override any config key, e.g. --set optimizer.args.lr=0.01 trainer.epochs=3")
     parser.add_argument("--trust-config", action="store_true",
@@ -29,7 +30,7 @@ def load_config(args: argparse.Namespace, checkpoint_path=None, state: dict | No
     data, which may only name what the project trusts unless --trust-config. The command line wins."""
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items()
                  if getattr(args, flag, None) is not None]
-    overrides += args.set + ([f"device={args.device}"] if args.device else [])
+    overrides += args.set + ([f"device={json.dumps(args.device)}"] if args.device else [])  # a string: -d 0
     if args.config:
         return ConfigParser.from_file(args.config, overrides)
     return ConfigParser.from_dict(state["config"], f"{checkpoint_path} (its config)", overrides,
