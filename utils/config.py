@@ -535,8 +535,8 @@ def unlisted_hint(role: str, type_name: str) -> str:
     """Why a name defined in a role module is not listed: it is not of the role's kind, or a function that
     does not say what it returns."""
     for module_name in ROLE_MODULES[role]:
-        if not module_name.startswith("torch.") and callable(getattr(importlib.import_module(module_name),
-                                                                        type_name, None)):
+        own = not module_name.startswith(("torch.", "torchvision."))  # torch's and torchvision's list all they have
+        if own and callable(getattr(importlib.import_module(module_name), type_name, None)):
             return (f" ('{type_name}' in {module_name} is not listed as a {role}: a function must be annotated with "
                     f"what it returns; name it by dotted path, '{module_name}.{type_name}', if it is one)")
     return ""
