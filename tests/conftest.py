@@ -41,6 +41,21 @@ def tiny_mnist(tmp_path_factory) -> Path:
     return root
 
 
+def write_image_folder(root: Path) -> Path:
+    """<root>/{train,test}/{dark,light}/*.png: 16 + 4 small RGB images per class, told apart by brightness."""
+    import torch
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 16), ("test", 4)):
+        for label, base in (("dark", 0), ("light", 128)):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(base, base + 128, (40, 40, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.png")
+    return root
+
+
 def set_key(config: dict, dotted: str, value) -> None:
     *parents, last = dotted.split(".")
     for part in parents:

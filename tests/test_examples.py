@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import new_project
-from conftest import ROOT, make_config, run, run_dirs
+from conftest import ROOT, make_config, run, run_dirs, write_image_folder
 from model.loss import focal_loss
 from model.metric import true_class_prob
 from trainer.trainer import Trainer
@@ -72,18 +72,7 @@ def test_new_project_copy_trains_and_an_existing_target_is_refused(tmp_path, tin
 # ---- an image folder with a torchvision model --------------------------------------------------------
 @pytest.fixture
 def image_folder(tmp_path):
-    """<root>/{train,test}/{dark,light}/*.png: 16 + 4 small RGB images per class, told apart by brightness."""
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(0)
-    root = tmp_path / "images"
-    for split, count in (("train", 16), ("test", 4)):
-        for label, base in (("dark", 0), ("light", 128)):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = torch.randint(base, base + 128, (40, 40, 3), generator=generator, dtype=torch.uint8)
-                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path / "images")
 
 
 def test_image_folder_with_torchvision_resnet(tmp_path, image_folder):

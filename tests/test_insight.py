@@ -199,3 +199,21 @@ def test_run_dir_must_be_an_existing_directory_without_checkpoints(tmp_path, tin
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert "--run-dir needs an existing directory without checkpoints" in result.stderr
     assert not (tmp_path / "missing").exists() and not (tmp_path / "saved").exists()
+
+
+def test_a_fold_stopped_after_epoch_1_resumes_to_the_uninterrupted_folds_weights(tmp_path, tiny_mnist):
+    """The fold is run state (in the checkpoint's config): a resumed fold trains on the same split, exactly."""
+    fold = {"trainer.tensorboard": False, "data_loader.args.validation_split": 0.0, "data_loader.args.folds": 3,
+            "data_loader.args.fold": 2}
+    runs = {}
+    for label, epochs in (("full", 2), ("stopped", 1)):
+        (tmp_path / label).mkdir()
+        config = make_config(tmp_path / label, tiny_mnist, {**fold, "trainer.epochs": epochs})
+        assert run("train.py", "-c", config).returncode == 0
+        (runs[label],) = run_dirs(tmp_path / label / "saved")
+    resumed = run("train.py", "-r", runs["stopped"], "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (checkpoint.load(d / "latest.pth") for d in runs.values())
+    assert b["config"]["data_loader"]["args"]["fold"] == 2 and a["data"] == b["data"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

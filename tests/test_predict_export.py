@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_config, run, run_dirs
+from conftest import ROOT, make_config, run, run_dirs, write_image_folder
 from data_loader.data_loaders import MNIST_MEAN, MNIST_STD
 from data_loader.datasets import read_idx
 from model.model import MnistModel
@@ -54,15 +54,7 @@ def mnist_checkpoint(tmp_path_factory, tiny_mnist):
 @pytest.fixture(scope="module")
 def image_checkpoint(tmp_path_factory):
     """latest.pth of a 1-epoch resnet18 run on <root>/{train,test}/{dark,light}/*.png (16 + 4 per class)."""
-    from PIL import Image
-
-    root, generator = tmp_path_factory.mktemp("images"), torch.Generator().manual_seed(0)
-    for split, count in (("train", 16), ("test", 4)):
-        for label, base in (("dark", 0), ("light", 128)):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = torch.randint(base, base + 128, (40, 40, 3), generator=generator, dtype=torch.uint8)
-                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.png")
+    root = write_image_folder(tmp_path_factory.mktemp("images") / "images")
     result = run("train.py", "-c", ROOT / "configs/image_folder.json", "--epochs", "1", "--bs", "8", "-d", "cpu",
                  "--set", f"data_loader.args.data_dir={root}", "data_loader.args.image_size=32",
                  "data_loader.args.num_workers=0", f"trainer.save_dir={root / 'saved'}", "trainer.tensorboard=false")
