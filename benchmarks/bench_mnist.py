@@ -3,6 +3,7 @@
     python benchmarks/bench_mnist.py                      # CPU, 2 epochs, 3 interleaved repetitions
     python benchmarks/bench_mnist.py --device cuda --repeats 5
     python benchmarks/bench_mnist.py --same-allocator     # (a) gets train.py's CPU malloc settings too
+    python benchmarks/bench_mnist.py --augment            # (b) against (c): (b) with on-device crop + flip
 
 One run of this script, on one device, trains the same model on the same data with the same batch size,
 optimizer (Adam, lr 0.002) and number of steps two ways, each in a fresh process:
@@ -12,6 +13,8 @@ optimizer (Adam, lr 0.002) and number of steps two ways, each in a fresh process
   (b) train : `python train.py -c configs/mnist.json` as shipped (validation split 0.1, metrics, StepLR,
               logging, TensorBoard, checkpoints every epoch, progress bar when stderr is a terminal) with the
               data, batch size, epochs and save folder set by --set overrides.
+  (c) --augment: (b) with `data_loader.args.augment={crop_padding: 2, flip: true}` (batched on the device),
+              timed against (b) instead of (a).
 
 The timed span is whole epochs, validation included: (a) its epoch loop, (b) `Trainer.train()`. Both
 processes import what they use before the clock starts; the cost of imports and data loading is what
@@ -84,8 +87,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_hand(data_dir: Path, epochs: int, device: torch.device, optimizer_class=torch.optim.Adam) -> float:
-    """(a) The loop a user would write by hand; returns the seconds of `epochs` epochs with validation."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_hand(data_dir: Path, epochs: int, device: torch.device,
+             optimizer_class=torch.optim.Adam) -> tuple[float, float]:
+    """(a) The loop a user would write by hand; returns the (wall, CPU) seconds of `epochs` epochs with validation."""
     import torch.nn.functional as F
 
     from data_loader.datasets import read_idx
@@ -104,7 +114,7 @@ def run_hand(data_dir: Path, epochs: int, device: torch.device, optimizer_class=
         return (images[idx].float() / 255 - MEAN) / STD, labels[idx]
 
     sync(device)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(epochs):
         model.train()
         perm = train_idx[torch.randperm(len(train_idx), device=device)]
@@ -124,7 +134,7 @@ def run_hand(data_dir: Path, epochs: int, device: torch.device, optimizer_class=
                 correct += (output.argmax(1) == target).sum()
         print(f"val_loss {total_loss.item() / n_valid:.4f}  val_accuracy {correct.item() / n_valid:.4f}")
     sync(device)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, cpu_seconds() - cpu
 
 
 def trainer_overrides(data_dir: Path, save_dir: Path, epochs: int, device: str) -> list[str]:
@@ -133,8 +143,11 @@ def trainer_overrides(data_dir: Path, save_dir: Path, epochs: int, device: str) 
             f"trainer.epochs={epochs}", f"trainer.save_dir={save_dir}", f"device={device}"]
 
 
-def run_trainer(data_dir: Path, epochs: int, device: torch.device) -> float:
-    """(b) `train.py -c configs/mnist.json` in this process; returns the seconds `Trainer.train()` took."""
+AUGMENT = "data_loader.args.augment={crop_padding: 2, flip: true}"
+
+
+def run_trainer(data_dir: Path, epochs: int, device: torch.device, augment: bool = False) -> tuple[float, float]:
+    """(b) `train.py -c configs/mnist.json` in this process; returns the (wall, CPU) seconds `Trainer.train()` took."""
     import train
     from trainer.trainer import Trainer
 
@@ -143,15 +156,15 @@ def run_trainer(data_dir: Path, epochs: int, device: torch.device) -> float:
 
     def timed_train(self):
         sync(self.device)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         result = train_epochs(self)
         sync(self.device)
-        seconds.append(time.perf_counter() - started)
+        seconds.append((time.perf_counter() - started, cpu_seconds() - cpu))
         return result
 
     Trainer.train = timed_train
     with tempfile.TemporaryDirectory() as save_dir:
-        overrides = trainer_overrides(data_dir, Path(save_dir), epochs, str(device))
+        overrides = trainer_overrides(data_dir, Path(save_dir), epochs, str(device)) + ([AUGMENT] if augment else [])
         train.main(["-c", str(ROOT / "configs" / "mnist.json"), "--set", *overrides])
     return seconds[0]
 
@@ -160,11 +173,13 @@ def worker(args) -> None:
     device = torch.device(args.device)
     if args.worker == "hand-startup":
         run_hand(Path(args.data_dir), 1, device, FirstStepAdam)
-    run = run_hand if args.worker == "hand" else run_trainer
-    seconds = run(Path(args.data_dir), args.epochs, device)
+    if args.worker == "hand":
+        seconds, cpu = run_hand(Path(args.data_dir), args.epochs, device)
+    else:
+        seconds, cpu = run_trainer(Path(args.data_dir), args.epochs, device, augment=args.worker == "augment")
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    Path(args.out).write_text(json.dumps({"seconds": seconds, "peak_bytes": peak}))
+    Path(args.out).write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak}))
 
 
 # ---- the driver ----------------------------------------------------------------------------------------
@@ -207,6 +222,26 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+LABELS = {"hand": "(a) hand-written loop", "train": "(b) Trainer + config", "augment": "(c) (b) + crop, flip"}
+
+
+def report(results: dict, pair: tuple[str, str], n_train: int, args) -> None:
+    print(f"\nwhole epochs with validation ({args.repeats} runs each, mean ± sd):")
+    for mode in pair:
+        seconds = [r["seconds"] for r in results[mode]]
+        rate = n_train * args.epochs / statistics.mean(seconds)
+        peak = max(r["peak_bytes"] for r in results[mode]) / 2**20
+        memory = "peak CUDA memory" if args.device.startswith("cuda") else "peak RSS"
+        cpu = mean_sd([r["cpu_seconds"] for r in results[mode]])
+        print(f"  {LABELS[mode]:24s} {mean_sd(seconds)} s   {rate:,.0f} samples/s   {memory} {peak:,.0f} MiB   "
+              f"CPU {cpu} s")
+    names = "/".join(LABELS[mode][:3] for mode in reversed(pair))
+    for key, kind in (("seconds", "wall"), ("cpu_seconds", "CPU")):
+        ratios = [b[key] / a[key] for a, b in zip(*(results[mode] for mode in pair))]
+        print(f"  ratio {names} of {kind} time: {mean_sd(ratios)} (mean ± sd over the interleaved pairs), "
+              f"median {statistics.median(ratios):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "mnist"),
@@ -217,7 +252,9 @@ def main() -> None:
     parser.add_argument("--startup-repeats", type=int, default=5, help="start-up measurements of each (default: 5)")
     parser.add_argument("--same-allocator", action="store_true",
                         help="give the hand-written loop the malloc settings train.py uses on CPU too")
-    parser.add_argument("--worker", choices=["hand", "train", "hand-startup"], help=argparse.SUPPRESS)
+    parser.add_argument("--augment", action="store_true",
+                        help="time (b) against (c), (b) with on-device crop and flip, instead of (a) against (b)")
+    parser.add_argument("--worker", choices=["hand", "train", "augment", "hand-startup"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -237,11 +274,15 @@ def main() -> None:
               f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
               + (", the same malloc settings for both" if args.same_allocator else ""))
 
-        results = {"hand": [], "train": []}
+        pair = ("train", "augment") if args.augment else ("hand", "train")
+        results = {mode: [] for mode in pair}
         for repeat in range(args.repeats):
-            for mode in ("hand", "train") if repeat % 2 == 0 else ("train", "hand"):
+            for mode in pair if repeat % 2 == 0 else pair[::-1]:
                 results[mode].append(spawn(mode, data_dir, args, Path(tmp) / f"{mode}{repeat}.json"))
-                print(f"  run {repeat + 1} {mode:5s} {results[mode][-1]['seconds']:.2f} s", flush=True)
+                print(f"  run {repeat + 1} {mode:7s} {results[mode][-1]['seconds']:.2f} s", flush=True)
+        if args.augment:
+            report(results, pair, n_train, args)
+            return
 
         startup_config = ["-c", "configs/mnist.json", "--set", *trainer_overrides(
             data_dir, Path(tmp) / "saved", 1, args.device), "optimizer.type=benchmarks.bench_mnist.FirstStepAdam"]
@@ -258,15 +299,7 @@ def main() -> None:
             for label, command in commands.items():
                 startup[label].append(startup_seconds(command))
 
-    print(f"\nwhole epochs with validation ({args.repeats} runs each, mean ± sd):")
-    for mode, label in (("hand", "(a) hand-written loop"), ("train", "(b) Trainer + config")):
-        seconds = [r["seconds"] for r in results[mode]]
-        rate = n_train * args.epochs / statistics.mean(seconds)
-        peak = max(r["peak_bytes"] for r in results[mode]) / 2**20
-        memory = "peak CUDA memory" if args.device.startswith("cuda") else "peak RSS"
-        print(f"  {label:24s} {mean_sd(seconds)} s   {rate:,.0f} samples/s   {memory} {peak:,.0f} MiB")
-    ratios = [b["seconds"] / a["seconds"] for a, b in zip(results["hand"], results["train"])]
-    print(f"  ratio (b)/(a) of wall time: {mean_sd(ratios)} (mean ± sd over the interleaved pairs)")
+    report(results, pair, n_train, args)
     print(f"\nstart-up, seconds from launch ({args.startup_repeats} runs each, mean ± sd; torch.optim's first step "
           "imports torch._dynamo, in any script):")
     for label, seconds in startup.items():

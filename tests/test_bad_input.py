@@ -71,6 +71,13 @@ def flaky_loss(**args) -> dict:
 # one validation batch); call 2 + 32 + 5 is epoch 2's 6th training batch.
 FIRST_CALLS, EPOCH_CALLS, TRAIN_BATCHES = 2, 32, 28
 
+# A torchvision dataset with config transforms (issue 15): 64 random 1x28x28 images, 16 held out.
+def fake_data(transforms: dict, **args) -> dict:
+    return {"type": "TorchvisionDataLoader", "args": {
+        "dataset": "FakeData", "dataset_args": {"size": 64, "image_size": [1, 28, 28]}, "batch_size": 16,
+        "validation_split": 16, "num_workers": 0, "transforms": transforms, **args}}
+
+
 # ---- the table ----------------------------------------------------------------------------------------------
 # Config cases: `train.py -c <config>` where the config is the tiny one with these dotted keys changed
 # (None deletes the key). Every message must name the config file and what is listed.
@@ -156,6 +163,18 @@ CONFIGS = {
     "labels all 255": ({"data_loader.args.data_dir": "{work}/data_255"},
                        ["the first training batch fails: IndexError: Target 255 is out of bounds"]),
     "a 200 KB unknown key": ({"x" * 200_000: 1}, ["unknown key 'xxxxxxxxxx", "...(200,000 characters)'"]),
+    "unknown transform type": ({"data_loader": fake_data({"train": [{"type": "RandomCrp", "args": {"size": 28}}]})},
+                               ["data_loader.args.transforms.train[0].type: unknown transform type 'RandomCrp'",
+                                "did you mean 'RandomCrop'"]),
+    "transform arg not accepted": ({"data_loader": fake_data({"eval": [{"type": "Normalize", "args": {"sd": 1}}]})},
+                                   ["data_loader.args.transforms.eval[0].args: unknown argument 'sd'",
+                                    "did you mean 'std'"]),
+    "transform fails on the data": ({"data_loader": fake_data({"train": [{"type": "RandomCrop",
+                                                                          "args": {"size": 40}}]})},
+                                    ["data_loader: transforms.train: fails on sample 0: Required crop size (40, 40)"]),
+    "torchvision dataset missing": ({"data_loader": fake_data({}, dataset="CIFAR10", dataset_args={}),
+                                     "data_loader.args.data_dir": "{work}/nodata"},
+                                    ["CIFAR10 files not found", "{work}/nodata/cifar-10-batches-py/"]),
     "save_dir is a file": ({"trainer.save_dir": "{work}/notes.txt"},
                            ["trainer.save_dir: cannot create a run directory in {work}/notes.txt"]),
 }

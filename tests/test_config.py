@@ -163,7 +163,7 @@ def test_a_model_factory_in_model_py_is_found_when_annotated(monkeypatch, tmp_pa
     config = ConfigParser.from_file(make_config(tmp_path, tiny_mnist, {"arch": {"type": "tiny_net", "args": {}}}))
     assert isinstance(config.build("arch"), torch.nn.Sequential)
     with pytest.raises(UserError, match=r"unknown arch type 'helper'; available: MnistModel, tiny_net \('helper' in "
-                                         r"model.model is not listed for arch: .* name it by dotted path, 'model.model.helper'"):
+                                         r"model.model is not listed for arch: .* dotted path, 'model.model.helper'"):
         ConfigParser.from_file(make_config(tmp_path, tiny_mnist, {"arch": {"type": "helper", "args": {}}}))
 
 

@@ -51,6 +51,9 @@ ROLE_MODULES = {
     "optimizer": ["torch.optim"],
     "lr_scheduler": ["torch.optim.lr_scheduler"],
     "trainer": ["trainer.trainer", "trainer.gan", "trainer.vae"],
+    # inside a data loader's args (data_loader/pipeline.py): `dataset` and `transforms` entries
+    "dataset": ["torchvision.datasets"],
+    "transform": ["torchvision.transforms.v2"],
 }
 
 # Arguments the framework passes itself, so a config need not (and may not always) give them.
@@ -352,6 +355,8 @@ class ConfigParser:
         if role in ("loss", "metrics") and not inspect.isclass(target):
             injected = set(list(signature_params(target))[:2])  # (output, target) come from the trainer
         check_args(target, args, f"{where}.args", injected)
+        if role == "data_loader" and hasattr(target, "check_config"):  # names inside its args (transforms, ...)
+            target.check_config(args, f"{where}.args", self.restricted)
 
     def metric_names(self) -> list[str]:
         return [spec if isinstance(spec, str) else spec["type"].rpartition(".")[2] for spec in self.config["metrics"]]
@@ -440,7 +445,7 @@ def check_args(fn: Callable, args: dict, where: str, injected: set[str]) -> None
 # (this project's role packages, and torch/torchvision code that only builds objects), decided from the
 # name before anything is imported. A config given with -c may name any importable callable.
 TRUSTED_PACKAGES = ("model", "data_loader", "trainer", "torch.nn", "torch.optim", "torchvision.models",
-                    "torchvision.transforms")
+                    "torchvision.transforms", "torchvision.datasets")
 TRUST_HINT = "give your own config with -c, or --trust-config if you trust this checkpoint"
 
 
@@ -457,19 +462,22 @@ def _kinds() -> dict[str, tuple[tuple[type, ...], str]]:
         "optimizer": ((torch.optim.Optimizer,), "an optimizer (a torch.optim.Optimizer)"),
         "lr_scheduler": (schedulers, "an LR scheduler (a torch.optim.lr_scheduler.LRScheduler)"),
         "trainer": ((BaseTrainer,), "a trainer (a BaseTrainer)"),
+        "dataset": ((torch.utils.data.Dataset,), "a dataset (a torch.utils.data.Dataset)"),
     }
 
 
 def kind_problem(role: str, target: Any) -> str | None:
     """Why `target` cannot fill `role`, or None. Checked before anything is called: a class must be of
     the role's kind; otherwise only a Python function will do (its result is checked after the call);
-    a loss or metric must take (output, target)."""
-    if role in ("loss", "metrics"):
+    a loss or metric must take (output, target); a transform is a class or a function that builds one."""
+    if role in ("loss", "metrics", "transform"):
         if inspect.isclass(target):
             callable_instances = any("__call__" in vars(k) for k in target.__mro__[:-1])
             return None if callable_instances else "is a class whose objects cannot be called"
         if not inspect.isfunction(target):
             return "is not a function or class"
+        if role == "transform":
+            return None
         params = signature_params(target).values()
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
@@ -485,7 +493,7 @@ def kind_problem(role: str, target: Any) -> str | None:
 
 def check_built(role: str, obj: Any, type_name: str, where: str) -> Any:
     """What a function returned must be of the role's kind (a class was checked before the call)."""
-    if role in ("loss", "metrics"):
+    if role in ("loss", "metrics", "transform"):
         ok, kind = callable(obj), "something callable"
     else:
         bases, kind = _kinds()[role]
@@ -512,8 +520,8 @@ def _candidates(module_name: str, role: str) -> dict[str, Callable]:
     for name, obj in vars(module).items():
         if name.startswith("_") or not callable(obj) or kind_problem(role, obj):
             continue
-        if module_name.startswith("torch."):  # torch's own: its public classes, not the abstract bases
-            keep = inspect.isclass(obj) and name not in ("Optimizer", "LRScheduler")
+        if module_name.startswith(("torch.", "torchvision.")):  # their public classes, not the abstract bases
+            keep = inspect.isclass(obj) and name not in ("Optimizer", "LRScheduler", "Transform", "VisionDataset")
             keep = keep and (name.endswith("Loss") if module_name == "torch.nn" else True)
         else:  # the module's own classes, and functions; a function builds a model (...) only if it says so
             keep = getattr(obj, "__module__", "") == module_name and (
@@ -527,8 +535,8 @@ def unlisted_hint(role: str, type_name: str) -> str:
     """Why a name defined in a role module is not listed: it is not of the role's kind, or a function that
     does not say what it returns."""
     for module_name in ROLE_MODULES[role]:
-        if not module_name.startswith("torch.") and callable(getattr(importlib.import_module(module_name),
-                                                                        type_name, None)):
+        own = not module_name.startswith(("torch.", "torchvision."))  # torch's and torchvision's list all they have
+        if own and callable(getattr(importlib.import_module(module_name), type_name, None)):
             return (f" ('{type_name}' in {module_name} is not listed for {role}: a function must be annotated with "
                     f"what it returns; name it by dotted path, '{module_name}.{type_name}', if it is one)")
     return ""

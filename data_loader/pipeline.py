@@ -1,0 +1,157 @@
+"""Per-sample transform pipelines from the config, for datasets read by DataLoader workers.
+
+    "transforms": {"train": [{"type": "RandomCrop", "args": {"size": 32, "padding": 4}}, ...],
+                   "eval": [{"type": "ToImage"}, ...]}
+
+Each `type` is looked up in torchvision.transforms.v2 (or a dotted path) like every other `type` in a
+config. Training batches go through "train", validation and the test split through "eval".
+
+Random transforms draw from torch's generator, seeded per sample from (loader seed, epoch, sample index):
+a sample is augmented the same way whichever worker or rank reads it, and a resumed run (mid-epoch too)
+sees exactly the batches an uninterrupted one would.
+"""
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from base import BaseDataLoader
+from base.base_data_loader import _IndexSampler
+from data_loader.augment import draw_seed
+from utils.config import check_args, check_built, check_keys, resolve
+from utils.errors import UserError
+
+PIPELINES = ("train", "eval")
+
+
+def _from_json(key: str, value: Any, where: str) -> Any:
+    """The few transform arguments JSON cannot spell: `"dtype": "float32"`, `"interpolation": "bicubic"`."""
+    if key == "dtype" and isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise UserError(f"{where}.dtype: '{value}' is not a torch dtype (e.g. float32, uint8)")
+        return dtype
+    if key == "interpolation" and isinstance(value, str):
+        from torchvision.transforms.v2 import InterpolationMode
+
+        modes = [mode.value for mode in InterpolationMode]
+        if value.lower() not in modes:
+            raise UserError(f"{where}.interpolation: '{value}' is not one of {', '.join(modes)}")
+        return InterpolationMode(value.lower())
+    return value
+
+
+def build_pipeline(specs: Any, where: str, restricted: bool = False) -> Callable:
+    """A list of `{type, args}` as one torchvision.transforms.v2.Compose; a mistake is a UserError naming
+    `where[i]` (unknown type with the closest match, unknown or bad argument)."""
+    from torchvision.transforms import v2
+
+    if not isinstance(specs, list):
+        raise UserError(f"{where}: expected a list of {{type, args}} transforms, got {specs!r}")
+    steps = []
+    for i, spec in enumerate(specs):
+        at = f"{where}[{i}]"
+        if not isinstance(spec, dict):
+            raise UserError(f"{at}: expected a mapping with 'type' and 'args', got {spec!r}")
+        check_keys(spec, ["type", "args"], at)
+        if not isinstance(spec.get("type"), str):
+            raise UserError(f"{at}.type: missing or not a string")
+        if not isinstance(spec.get("args", {}), dict):
+            raise UserError(f"{at}.args: expected a mapping, got {spec['args']!r}")
+        target = resolve("transform", spec["type"], f"{at}.type", restricted)
+        args = {key: _from_json(key, value, f"{at}.args") for key, value in spec.get("args", {}).items()}
+        check_args(target, args, f"{at}.args", set())
+        try:
+            steps.append(check_built("transform", target(**args), spec["type"], at))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{at}: {spec['type']}: {e}") from None
+    return v2.Compose(steps)
+
+
+def check_transforms(transforms: Any, where: str, restricted: bool = False) -> dict[str, Callable]:
+    """`{"train": [...], "eval": [...]}` (either may be left out) as {name: pipeline}."""
+    if transforms is None:
+        return {}
+    if not isinstance(transforms, dict):
+        raise UserError(f"{where}: expected a mapping with 'train' and/or 'eval', got {transforms!r}")
+    check_keys(transforms, PIPELINES, where)
+    return {name: build_pipeline(specs, f"{where}.{name}", restricted) for name, specs in transforms.items()}
+
+
+class Transformed(Dataset):
+    """`dataset`'s (input, target) samples with `transform` applied to the input, its random draws seeded
+    per sample. A key is an index, or (epoch, index) from `EpochKeys`."""
+
+    def __init__(self, dataset: Dataset, transform: Callable, seed: int):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("classes", "targets", "samples", "root"):  # for the loader's class names and data fingerprint
+            return getattr(self.dataset, name)
+        raise AttributeError(name)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any]:
+        epoch, index = key if isinstance(key, tuple) else (-1, key)
+        data, target = self.dataset[index]
+        in_main = get_worker_info() is None  # there the generator is the training's (dropout): leave it as it was
+        with torch.random.fork_rng(devices=[]) if in_main else nullcontext():
+            torch.default_generator.manual_seed(draw_seed(self.seed, epoch, index))
+            return self.transform(data), target
+
+
+class EpochKeys(_IndexSampler):
+    """Yields (epoch, index): the sample's key for its seeded transforms, sent to whichever worker reads it."""
+
+    def __init__(self, loader: BaseDataLoader):
+        super().__init__()
+        self.loader = loader
+
+    def __iter__(self):
+        epoch = self.loader.epoch
+        return ((epoch, index) for index in self.indices)
+
+
+class PipelineDataLoader(BaseDataLoader):
+    """A dataset of (input, target) samples, transformed with the config's "train" pipeline for training
+    and its "eval" pipeline for validation and the test split (`default` where the config gives none).
+    Those in use are tried on sample 0 at start-up: one that fails, or gives no tensor, stops the run there."""
+
+    def __init__(self, dataset: Dataset, transforms: dict | None, default: list[dict], *, training: bool,
+                 seed: int, **options):
+        pipelines = {name: build_pipeline(default, f"default {name} transforms") for name in PIPELINES}
+        self.pipelines = {**pipelines, **check_transforms(transforms, "transforms")}
+        first_name = "train" if training else "eval"
+        super().__init__(Transformed(dataset, self.pipelines[first_name], seed), seed=seed, **options)
+        self._sampler = EpochKeys(self)
+        tried = ["train", "eval"] if training and self.valid_indices is not None else [first_name]
+        for name in tried if len(dataset) else []:
+            self._try(Transformed(dataset, self.pipelines[name], seed), name)
+
+    @classmethod
+    def check_config(cls, args: dict, where: str, restricted: bool) -> None:
+        """Called by the config check, before anything is built: the transforms' names and arguments."""
+        check_transforms(args.get("transforms"), f"{where}.transforms", restricted)
+
+    @staticmethod
+    def _try(dataset: Transformed, name: str) -> None:
+        try:
+            data = dataset[0][0]
+        except (TypeError, ValueError, RuntimeError, IndexError) as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"transforms.{name}: fails on sample 0: {message}") from None
+        if not isinstance(data, torch.Tensor):
+            raise UserError(f"transforms.{name}: gives {type(data).__name__} for sample 0, not a tensor: end it with "
+                            '{"type": "ToImage"}, {"type": "ToDtype", "args": {"dtype": "float32", "scale": true}}')
+
+    def split_validation(self) -> BaseDataLoader | None:
+        """The held-out samples, through the "eval" pipeline."""
+        valid = super().split_validation()
+        if valid is not None:
+            valid.dataset = Transformed(self.dataset.dataset, self.pipelines["eval"], self.seed)
+        return valid
