@@ -12,6 +12,7 @@ LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 def setup_logging(log_file: Path | None, verbosity: int = 2, rank: int = 0) -> None:
     """Log to the console and, on rank 0, append to `log_file` (a resumed run continues the same file)."""
     root = logging.getLogger()
+    logging.raiseExceptions = False  # a full disk under train.log: no traceback per line; the next save says it
     for handler in root.handlers[:]:
         root.removeHandler(handler)
     level = LEVELS.get(verbosity, logging.DEBUG) if rank == 0 else logging.WARNING

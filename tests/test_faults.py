@@ -289,3 +289,11 @@ def test_torchrun_restarts_a_group_that_lost_a_worker_and_resumes_from_the_newes
     a, b = (state(d / "latest.pth") for d in runs.values())
     assert a["global_step"] == b["global_step"] == 56
     assert_same_state(a["model"], b["model"], "model")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_a_full_disk_under_the_log_file_prints_no_traceback():
+    code = ("import logging; from pathlib import Path; from logger import setup_logging; "
+            "setup_logging(Path('/dev/full')); logging.getLogger('train').info('epoch 1'); print('went on')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "went on" in result.stdout and result.stderr == "", result.stderr
