@@ -41,18 +41,20 @@ def tiny_mnist(tmp_path_factory) -> Path:
     return root
 
 
-def write_image_folder(root: Path) -> Path:
-    """<root>/{train,test}/{dark,light}/*.png: 16 + 4 small RGB images per class, told apart by brightness."""
+def write_image_folder(root: Path, counts: tuple = (16, 4), size: tuple = (40, 40), jpeg: bool = False) -> Path:
+    """<root>/{train,test}/{dark,light}/*.png: `counts` small RGB images per class (train, test), told apart by
+    brightness; with `jpeg`, every other one a .jpg."""
     import torch
     from PIL import Image
 
     generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 16), ("test", 4)):
+    for split, count in zip(("train", "test"), counts):
         for label, base in (("dark", 0), ("light", 128)):
             (root / split / label).mkdir(parents=True)
             for i in range(count):
-                pixels = torch.randint(base, base + 128, (40, 40, 3), generator=generator, dtype=torch.uint8)
-                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.png")
+                pixels = torch.randint(base, base + 128, (*size, 3), generator=generator, dtype=torch.uint8)
+                suffix = "jpg" if jpeg and i % 2 == 0 else "png"
+                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.{suffix}")
     return root
 
 

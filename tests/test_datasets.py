@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, make_config, run, run_dirs
+from conftest import ROOT, make_config, run, run_dirs, write_image_folder
 from data_loader.augment import BatchAugment
 from data_loader.data_loaders import MnistDataLoader, TorchvisionDataLoader
 from utils.config import ConfigParser
@@ -136,16 +136,7 @@ def test_a_checkpoints_config_names_only_trusted_datasets_and_transforms():
 
 # ---- an image folder with transforms from the config --------------------------------------------------------
 def test_image_folder_of_png_and_jpeg_with_config_transforms(tmp_path):
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(0)
-    root = tmp_path / "images"
-    for split, count in (("train", 12), ("test", 4)):
-        for label, base in (("dark", 0), ("light", 128)):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = torch.randint(base, base + 128, (36, 30, 3), generator=generator, dtype=torch.uint8)
-                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.{'png' if i % 2 else 'jpg'}")
+    root = write_image_folder(tmp_path / "images", counts=(12, 4), size=(36, 30), jpeg=True)
     grey = [{"type": "Grayscale"}]
     transforms = {"train": [*grey, {"type": "RandomResizedCrop", "args": {"size": 28, "scale": [0.5, 1.0]}},
                             {"type": "RandomHorizontalFlip"}, *TO_FLOAT],
