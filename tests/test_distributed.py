@@ -198,14 +198,16 @@ def test_two_nodes_on_loopback_resume_a_single_process_checkpoint(tmp_path, refe
                     f"--master_port={port}", "train.py", "-d", "cpu", "-r", checkpoint, "--bs", "8", "--trust-config",
                     "--set", "trainer.accum_steps=2", f"trainer.save_dir={tmp_path / 'saved'}")
              for rank in (0, 1)]
-    try:  # both outputs are read at once: a node blocked on a full pipe would block the other
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            (code0, out0), (code1, out1) = pool.map(finish, nodes)
-    finally:
-        for node in nodes:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both outputs at once: a full pipe blocks a node
+        reads = [pool.submit(node.communicate, timeout=TIMEOUT) for node in nodes]
+        concurrent.futures.wait(reads, timeout=TIMEOUT + 5)
+        for node in nodes:  # a hung node: kill both, so that the failure shows what each printed
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGKILL)
-    assert code0 == 0 and code1 == 0, out0[-3000:] + out1[-3000:]
+        (out0, _), (out1, _) = (read.result() if not read.exception() else node.communicate()
+                                for read, node in zip(reads, nodes))
+    code0, code1 = (node.returncode for node in nodes)
+    assert code0 == 0 and code1 == 0, f"node 0 ({code0}):\n{out0[-3000:]}\nnode 1 ({code1}):\n{out1[-3000:]}"
     assert "Training on cpu (2 processes)" in out0 and "Early stop" in out0
     (run_dir,) = run_dirs(tmp_path / "saved")  # a lone checkpoint continues in a new run directory
     assert_same_weights(run_dir / "latest.pth", reference["single"] / "latest.pth")
