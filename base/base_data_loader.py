@@ -105,10 +105,8 @@ class BaseDataLoader:
             n_valid = int(n * validation_split)
         if n_valid == 0:
             return None
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        valid = self.indices[order[:n_valid]]
-        self.indices = self.indices[order[n_valid:]]
-        return valid
+        order = self._seeded_order()
+        return self._hold_out(order[:n_valid], order[n_valid:])
 
     def _fold(self, folds: int, fold: int, validation_split: float) -> torch.Tensor:
         """Hold out part `fold` of `folds`; the parts of one seed cover every sample once."""
@@ -118,11 +116,18 @@ class BaseDataLoader:
             raise ValueError(f"fold must be an integer from 0 to {folds - 1}, got {fold!r}")
         if validation_split:
             raise ValueError("folds and validation_split exclude each other: the fold is the validation data")
-        order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed))
-        parts = list(torch.tensor_split(order, folds))
-        valid = self.indices[parts.pop(fold)]
-        self.indices = self.indices[torch.cat(parts)]
-        return valid
+        parts = list(torch.tensor_split(self._seeded_order(), folds))
+        valid = parts.pop(fold)
+        return self._hold_out(valid, torch.cat(parts))
+
+    def _seeded_order(self) -> torch.Tensor:
+        """The one order (a function of the seed) that validation_split and folds take their parts from."""
+        return torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed))
+
+    def _hold_out(self, valid: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+        """Keep positions `train` of the indices for training; return those at `valid`."""
+        held_out, self.indices = self.indices[valid], self.indices[train]
+        return held_out
 
     def split_validation(self) -> "BaseDataLoader | None":
         """A loader over the held-out samples: same dataset, no shuffle, no padding across ranks."""

@@ -87,8 +87,8 @@ def load(path: str | Path) -> dict:
     for key, kind in FIELDS.items():
         if key in state and (not isinstance(state[key], kind) or kind is int and isinstance(state[key], bool)):
             raise UserError(f"{path}: damaged checkpoint: '{key}' is {type(state[key]).__name__}, not {kind.__name__}")
-    rngs = state.get("rng", [{key: None for key in RNG_KEYS}])
-    if not rngs or not all(isinstance(r, dict) and r.keys() == RNG_KEYS for r in rngs):
+    rngs = state.get("rng")
+    if rngs is not None and not (rngs and all(isinstance(r, dict) and r.keys() == RNG_KEYS for r in rngs)):
         raise UserError(f"{path}: damaged checkpoint: 'rng' is not a list of generator states")
     if state.get("version", 0) > VERSION:
         raise UserError(f"{path}: checkpoint version {state['version']} is newer than this code ({VERSION})")
