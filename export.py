@@ -19,7 +19,7 @@ from trainer.trainer import data_and_target
 from utils.checkpoint import TMP_MARK
 from utils.cli import ArgumentParser, run_main
 from utils.errors import TrainingError, UserError
-from utils.startup import add_common_arguments
+from utils.startup import add_common_arguments, build_test_loader
 
 TOLERANCE = 1e-4  # the largest absolute difference from the PyTorch model's outputs
 
@@ -69,8 +69,7 @@ FORMATS = {"onnx": (".onnx", write_onnx), "torchscript": (".torchscript.pt", wri
 def main(argv=None) -> int:
     args = parse_args(argv)
     _, config, device, model = load_model(args)
-    loader = config.build("data_loader", training=False, shuffle=False, validation_split=0.0,
-                          seed=config["seed"]).to(device)
+    loader = build_test_loader(config, device)
     batch = next(iter(loader), None)
     if batch is None:
         raise UserError(f"{args.resume}: its test split is empty: no sample batch to trace the model with")

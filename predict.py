@@ -17,7 +17,7 @@ from trainer.trainer import data_and_target
 from utils import checkpoint
 from utils.cli import ArgumentParser, run_main
 from utils.errors import UserError
-from utils.startup import add_common_arguments, load_config, start_process
+from utils.startup import add_common_arguments, build_test_loader, load_config, start_process
 
 
 def parse_args(argv=None):
@@ -55,9 +55,7 @@ def batches(args, config, device: torch.device) -> tuple[list, Iterator]:
         read, files, size = reader(loader_args), image_files(args.inputs), loader_args.get("batch_size", 32)
         return [str(f) for f in files], ((torch.stack([read(str(f)) for f in files[i : i + size]]), None)
                                          for i in range(0, len(files), size))
-    loader = config.build("data_loader", training=False, shuffle=False, validation_split=0.0,
-                          seed=config["seed"]).to(device)
-    loader.drop_last = False  # every test sample, as test.py
+    loader = build_test_loader(config, device)
     return list(range(loader.n_samples)), (data_and_target(batch, "predict.py") for batch in loader)
 
 

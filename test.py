@@ -16,7 +16,7 @@ from logger import progress_bar
 from trainer.trainer import failing_batch
 from utils import checkpoint, dist
 from utils.cli import ArgumentParser, run_main
-from utils.startup import add_common_arguments, build_parts, load_config, start_process
+from utils.startup import add_common_arguments, build_parts, build_test_loader, load_config, start_process
 
 
 def parse_args(argv=None):
@@ -33,10 +33,7 @@ def main(argv=None) -> int:
     config = load_config(args, path, state)
     device = start_process(config, args)
 
-    folds = {"folds": 0} if "folds" in config["data_loader"].get("args", {}) else {}  # a k-fold run's: all test data
-    loader = config.build("data_loader", training=False, shuffle=False, validation_split=0.0, **folds,
-                          seed=config["seed"]).to(device)
-    loader.drop_last = False  # every test sample counts, whatever the training config says
+    loader = build_test_loader(config, device)
     trainer = config.targets["trainer"](config=config, device=device, run_dir=path.parent,
                                         **build_parts(config, device, loader))
     checkpoint.load_model_weights(trainer.model, state["model"], str(path))

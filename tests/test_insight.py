@@ -182,7 +182,7 @@ def test_k_fold_prints_mean_and_sd_and_a_rerun_skips_finished_folds(tmp_path, ti
     assert run_dirs(tmp_path / "saved") == [parent]  # the same parent each time
 
 
-def test_test_py_on_a_fold_checkpoint_uses_every_test_sample(tmp_path, tiny_mnist):
+def test_test_py_and_predict_py_on_a_fold_checkpoint_use_every_test_sample(tmp_path, tiny_mnist):
     config = make_config(tmp_path, tiny_mnist, {"trainer.epochs": 1, "data_loader.args.validation_split": 0.0,
                                                 "data_loader.args.folds": 4, "data_loader.args.fold": 1})
     assert run("train.py", "-c", config).returncode == 0
@@ -190,6 +190,9 @@ def test_test_py_on_a_fold_checkpoint_uses_every_test_sample(tmp_path, tiny_mnis
     result = run("test.py", "-r", run_dir / "latest.pth")
     assert result.returncode == 0, result.stderr
     assert re.search(r"samples: 256$", result.stdout, re.MULTILINE)
+    result = run("predict.py", "-r", run_dir / "latest.pth", "-o", tmp_path / "predictions.csv")
+    assert result.returncode == 0, result.stderr
+    assert "256 predictions written" in result.stdout
 
 
 def test_run_dir_must_be_an_existing_directory_without_checkpoints(tmp_path, tiny_mnist, reference):

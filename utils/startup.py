@@ -66,3 +66,13 @@ def build_parts(config: ConfigParser, device: torch.device, data_loader, finetun
             "metric_fns": config.build_metrics(), "optimizer": optimizer, "data_loader": data_loader,
             "valid_data_loader": data_loader.split_validation(),
             "lr_scheduler": config.build("lr_scheduler", optimizer) if config["lr_scheduler"] else None}
+
+
+def build_test_loader(config: ConfigParser, device: torch.device):
+    """The data loader's test split in order, every sample once (of a k-fold run's checkpoint too: all the test
+    data, not the fold's part of it); test.py, predict.py and export.py read it."""
+    folds = {"folds": 0} if "folds" in config["data_loader"].get("args", {}) else {}
+    loader = config.build("data_loader", training=False, shuffle=False, validation_split=0.0, **folds,
+                          seed=config["seed"]).to(device)
+    loader.drop_last = False  # every test sample counts, whatever the training config says
+    return loader
