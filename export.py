@@ -17,9 +17,8 @@ import torch
 from predict import load_model
 from trainer.trainer import data_and_target
 from utils.checkpoint import TMP_MARK
-from utils.cli import ArgumentParser, run_main
+from utils.cli import ArgumentParser, add_common_arguments, run_main
 from utils.errors import TrainingError, UserError
-from utils.startup import add_common_arguments, build_test_loader
 
 TOLERANCE = 1e-4  # the largest absolute difference from the PyTorch model's outputs
 
@@ -68,8 +67,9 @@ FORMATS = {"onnx": (".onnx", write_onnx), "torchscript": (".torchscript.pt", wri
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    _, config, device, model = load_model(args)
-    loader = build_test_loader(config, device)
+    run, model = load_model(args)
+    config, device = run.config, run.device
+    loader = config.build_data_loader(device, test=True)
     batch = next(iter(loader), None)
     if batch is None:
         raise UserError(f"{args.resume}: its test split is empty: no sample batch to trace the model with")

@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 from logger import TensorboardWriter, setup_logging
+from runs.run import open_run
 from trainer.trainer import to_device
 from utils import dist
 from utils.checkpoint import save_atomic
-from utils.cli import ArgumentParser, run_main
+from utils.cli import ArgumentParser, add_common_arguments, request_of, run_main
 from utils.errors import UserError
-from utils.startup import add_common_arguments, build_parts, load_config, start_process
 
 BETA = 0.98  # the loss's exponential moving average (debiased), as fastai's and Lightning's finders
 DIVERGED = 4.0  # stop when the smoothed loss exceeds this multiple of its (positive) minimum
@@ -61,16 +61,14 @@ def endless_batches(loader):
 
 def ramp(trainer, steps: int, start: float, end: float) -> list[tuple[float, float, float]]:
     """(lr, loss, smoothed loss) per step, until `steps` or divergence. One batch is one optimizer step."""
-    trainer._train_mode(True)
-    trainer._stepping, trainer._group, trainer.skipped_steps = True, 1, 0
+    trainer.train_mode(True)
     rows, average, best = [], 0.0, math.inf
     for step, batch in zip(range(steps), endless_batches(trainer.data_loader)):
         lr = start * (end / start) ** (step / (steps - 1))
         for optimizer in trainer.optimizers.values():
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        result = trainer._step(to_device(batch, trainer.device, trainer.memory_format), epoch=1)
-        trainer._finish_step(histograms=False)
+        result = trainer.train_batch(to_device(batch, trainer.device, trainer.memory_format), 0, 1)  # it steps
         loss = math.nan if result is None else result["loss"].item()  # a host sync per step: each value is needed
         average = BETA * average + (1 - BETA) * loss
         smoothed = average / (1 - BETA ** (step + 1))
@@ -109,13 +107,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if dist.launched_by_torchrun():
         raise UserError("lr_find.py runs in one process: python lr_find.py -c ...")
-    config = load_config(args)
-    device = start_process(config, args)
-    setup_logging(None, config["trainer"]["verbosity"])
-    data_loader = config.build("data_loader", seed=config["seed"]).to(device)
-    parts = {**build_parts(config, device, data_loader), "lr_scheduler": None}  # the ramp sets the lr
+    run = open_run(request_of(args))  # never started: no run directory, nothing saved
+    setup_logging(None, run.config["trainer"]["verbosity"])
+    trainer = run.config.build_trainer(run.device, run.config.build_data_loader(run.device), run=run)
+    trainer.lr_schedulers = {}  # the ramp sets the lr
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lr_find-"))
-    trainer = config.targets["trainer"](config=config, device=device, run_dir=out, **parts)  # never saves
     rows = ramp(trainer, args.steps, args.start, args.end)
     out.mkdir(parents=True, exist_ok=True)
     write_curve(rows, out)

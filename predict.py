@@ -13,11 +13,11 @@ import torch
 
 from data_loader.data_loaders import image_files
 from logger import progress_bar
+from runs.run import Run, open_checkpoint
 from trainer.trainer import data_and_target
 from utils import checkpoint
-from utils.cli import ArgumentParser, run_main
+from utils.cli import ArgumentParser, add_common_arguments, request_of, run_main
 from utils.errors import UserError
-from utils.startup import add_common_arguments, build_test_loader, load_config, start_process
 
 
 def parse_args(argv=None):
@@ -30,17 +30,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_model(args) -> tuple[dict, object, torch.device, torch.nn.Module]:
-    """(checkpoint, config, device, model in eval mode): the config as test.py reads it (a checkpoint's
-    config is data unless --trust-config), the weights as saved (unwrapped even from DDP or compile)."""
-    state = checkpoint.load(args.resume)
-    config = load_config(args, args.resume, state)
-    device = start_process(config, args)
-    model = config.build("arch")
-    if isinstance(model, dict):
-        raise UserError(f"{args.resume}: arch has {len(model)} models ({', '.join(model)}); this script takes one")
-    checkpoint.load_model_weights(model, state["model"], args.resume)
-    return state, config, device, model.to(device).eval()
+def load_model(args) -> tuple[Run, torch.nn.Module]:
+    """The run of the checkpoint (its config as test.py reads it: data unless --trust-config) and its model
+    in eval mode, the weights as saved (unwrapped even from DDP or compile)."""
+    run = open_checkpoint(request_of(args))
+    models = run.config.build_named("arch")
+    if models.keys() != {"model"}:
+        raise UserError(f"{args.resume}: arch has {len(models)} models ({', '.join(models)}); this script takes one")
+    checkpoint.load_model_weights(models["model"], run.state["model"], args.resume)
+    return run, models["model"].to(run.device).eval()
 
 
 def batches(args, config, device: torch.device) -> tuple[list, Iterator]:
@@ -55,7 +53,7 @@ def batches(args, config, device: torch.device) -> tuple[list, Iterator]:
         read, files, size = reader(loader_args), image_files(args.inputs), loader_args.get("batch_size", 32)
         return [str(f) for f in files], ((torch.stack([read(str(f)) for f in files[i : i + size]]), None)
                                          for i in range(0, len(files), size))
-    loader = build_test_loader(config, device)
+    loader = config.build_data_loader(device, test=True)
     return list(range(loader.n_samples)), (data_and_target(batch, "predict.py") for batch in loader)
 
 
@@ -92,14 +90,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
-    state, config, device, model = load_model(args)
-    keys, stream = batches(args, config, device)
+    run, model = load_model(args)
+    keys, stream = batches(args, run.config, run.device)
     if not keys:
         raise UserError(f"{args.resume}: its test split is empty: nothing to predict")
     with progress_bar(len(keys), "predict") as bar:
-        probs, classes, labels = predict(model, stream, device, args.topk, bar)
+        probs, classes, labels = predict(model, stream, run.device, args.topk, bar)
     out = Path(args.output or Path(args.resume).with_name(f"{Path(args.resume).stem}-predictions.csv"))
-    text = csv_text(keys, probs, classes, labels, state.get("classes", []), args.topk)
+    text = csv_text(keys, probs, classes, labels, run.state.get("classes", []), args.topk)
     checkpoint.save_atomic(text.encode(), out, "predictions")
     if labels:
         print(f"accuracy: {sum(label == top[0] for label, top in zip(labels, classes)) / len(keys):.6g}")

@@ -7,19 +7,19 @@ results are printed and written next to the checkpoint as <checkpoint>-test.json
 process evaluates its share of the test set and rank 0 reports the totals.
 """
 
+import argparse
 import json
-from pathlib import Path
 
 import torch
 
 from logger import progress_bar
+from runs.run import open_checkpoint
 from trainer.trainer import failing_batch
 from utils import checkpoint, dist
-from utils.cli import ArgumentParser, run_main
-from utils.startup import add_common_arguments, build_parts, build_test_loader, load_config, start_process
+from utils.cli import ArgumentParser, add_common_arguments, request_of, run_main
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-r", "--resume", required=True, help="checkpoint file to evaluate")
     add_common_arguments(parser)
@@ -27,15 +27,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    path = Path(args.resume)
-    state = checkpoint.load(path)
-    config = load_config(args, path, state)
-    device = start_process(config, args)
-
-    loader = build_test_loader(config, device)
-    trainer = config.targets["trainer"](config=config, device=device, run_dir=path.parent,
-                                        **build_parts(config, device, loader))
+    run = open_checkpoint(request_of(parse_args(argv)))
+    path, state = run.resumed_from, run.state
+    loader = run.config.build_data_loader(run.device, test=True)
+    trainer = run.config.build_trainer(run.device, loader, run=run)
     checkpoint.load_model_weights(trainer.model, state["model"], str(path))
     if state.get("criterion") and isinstance(trainer.criterion, torch.nn.Module):  # a loss with state of its own
         trainer.criterion.load_state_dict(state["criterion"])

@@ -5,30 +5,28 @@
     python train.py -r auto -c configs/mnist.json    # resume the newest run of this config's name
     python train.py -c configs/mnist.json --folds 5  # k-fold cross-validation (again: skips finished folds)
     torchrun --nproc_per_node=2 train.py -c configs/mnist.json   # DistributedDataParallel
+
+The path of a run: the command line becomes a Request (utils/cli.py); runs/run.py turns it into a Run (the
+checked config, what it resumes from, the started process); the config builds the trainer (config/parser.py);
+the run restores it and, once its first batches passed, starts (directory, lock, logs); the trainer trains.
 """
 
 import gc
-import json
 import logging
-import math
 import sys
-from datetime import datetime
 from pathlib import Path
 
-import torch
-
-from logger import setup_logging
-from utils import checkpoint, dist, kfold
+from runs.kfold import KFold
+from runs.run import Run, candidates, open_run
+from utils import checkpoint, dist
 from utils.allocator import keep_freed_memory
-from utils.cli import ArgumentParser, run_main
-from utils.config import ConfigParser, diff_configs, is_named
-from utils.errors import UserError
-from utils.startup import SHORTCUTS, add_common_arguments, build_parts, load_config, start_process
+from utils.cli import SHORTCUTS, ArgumentParser, Request, add_common_arguments, request_of, run_main
 
 log = logging.getLogger("train")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> tuple[Request, int]:
+    """The request, and the number of folds (0: not k-fold)."""
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
     parser.add_argument("-r", "--resume", help="checkpoint file, run directory, or 'auto' (the newest run of -c's "
@@ -39,7 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--folds", type=int, default=0, metavar="K", help="k-fold cross-validation: K runs (0: off)")
     parser.add_argument("--run-dir", help="train a new run in this existing directory (how --folds places each fold)")
     args = parser.parse_args(argv)
-    if args.run_dir and (args.resume or not Path(args.run_dir).is_dir() or checkpoint.candidates(Path(args.run_dir))):
+    if args.run_dir and (args.resume or not Path(args.run_dir).is_dir() or candidates(Path(args.run_dir))):
         parser.error("--run-dir needs an existing directory without checkpoints, and no -r (resume a run with -r)")
     if args.folds and (args.folds < 2 or args.resume or args.run_dir or not args.config):
         parser.error("--folds needs K >= 2 and -c, not -r or --run-dir (run the same command again to go on)")
@@ -51,172 +49,62 @@ def parse_args(argv=None):
         parser.error("--finetune needs a config (-c) for the new run")
     if args.resume == "auto" and not args.config:
         parser.error("-r auto needs -c: the run is the config's name and save_dir (with --set applied)")
-    return args
-
-
-def load_resume(args, config: ConfigParser | None) -> tuple[Path | None, dict | None, Path | None]:
-    """(checkpoint, its state, the run directory to continue in) of -r: a file, a run directory's newest
-    checkpoint that loads, or with 'auto' the newest run of the final config's name and save_dir. 'auto' with
-    no checkpoint yet starts the run (again, in the folder of an attempt that never saved)."""
-    if args.resume == "auto":
-        run = checkpoint.newest_run(Path(config["trainer"]["save_dir"]), config["name"])
-        if run is None or not checkpoint.candidates(run):
-            return None, None, run
-        path, state = checkpoint.load_newest(run)
-    else:
-        path = Path(args.resume)
-        path, state = checkpoint.load_newest(path) if path.is_dir() else (path, checkpoint.load(path))
-    return path, state, path.parent if checkpoint.is_run_dir(path.parent) else None
-
-
-def finished(trainer, resumed: dict, config: ConfigParser) -> str | None:
-    """Why a resumed run has nothing left to do (all epochs trained, or early-stopped), or None."""
-    if trainer.epoch >= trainer.epochs:
-        return f"all {trainer.epochs} epochs are trained"
-    patience = config["trainer"]["early_stop"]
-    if patience and trainer.not_improved_count >= patience and trainer.epochs <= resumed["config"]["trainer"]["epochs"]:
-        return f"it early-stopped ('{trainer.monitor_key}' did not improve for {patience} epochs)"
-    return None
-
-
-def resume_changes(config: ConfigParser, resumed: dict) -> list[str]:
-    """The config keys changed since the checkpoint; a resume keeps the architecture."""
-    if config["arch"] != resumed["config"]["arch"]:
-        raise UserError(f"{config.source}: arch differs from the checkpoint's ({resumed['config']['arch']}): "
-                        "a resume keeps the architecture; use --finetune to start a new run from its weights")
-    return diff_configs(resumed["config"], config.config)
-
-
-def apply_optimizer_changes(optimizer: torch.optim.Optimizer, old: dict, new: dict) -> None:
-    """The restored optimizer state holds the checkpoint's hyper-parameters; a resume that changes one
-    (`--lr 1e-4`) means the new value. Schedulers then continue from it."""
-    for key, value in new.get("args", {}).items():
-        if old.get("args", {}).get(key) != value and key in optimizer.param_groups[0]:
-            for group in optimizer.param_groups:
-                group[key] = value
-
-
-def new_run_dir(config: ConfigParser) -> Path:
-    """saved/<name>/<YYYYmmdd-HHMMSS>[-N]/, made by rank 0 and shared with the others."""
-    run_dir = None
-    if dist.is_main():
-        base = Path(config["trainer"]["save_dir"]) / config["name"]
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir, n = base / stamp, 1
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-            while True:
-                try:
-                    run_dir.mkdir()
-                    break
-                except FileExistsError:
-                    n += 1
-                    run_dir = base / f"{stamp}-{n}"
-        except OSError as e:
-            raise UserError(f"{config.source}: trainer.save_dir: cannot create a run directory in {base}: "
-                            f"{e.strerror}") from None
-    if dist.is_distributed():
-        shared = [run_dir]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        run_dir = shared[0]
-    return Path(run_dir)
-
-
-def restore(trainer, resumed: dict, resume_path: Path, config: ConfigParser) -> None:
-    missing = [key for key in ("optimizer", "rng", "epoch", "global_step") if key not in resumed]
-    if missing:
-        raise UserError(f"{resume_path}: holds model weights but no run state to resume ({', '.join(missing)}; "
-                        "a converted or exported checkpoint?): use -c CONFIG --finetune it, or test.py -r")
-    try:
-        trainer.load_state_dict(resumed)
-    except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
-        raise UserError(f"{resume_path}: does not fit this run: {str(e).strip().splitlines()[0][:200]}") from None
-    saved = resumed["config"]["optimizer"]
-    for name, spec in config.entries("optimizer"):
-        apply_optimizer_changes(trainer.optimizers[name], saved.get(name, {}) if is_named(saved) else saved, spec)
-
-
-def claim(run_dir: Path, device: torch.device):
-    """Rank 0 locks the run directory (one process trains in it at a time); every rank learns the outcome."""
-    lock, error = None, None
-    if dist.is_main():
-        try:
-            lock = checkpoint.lock_run(run_dir)
-        except UserError as e:
-            error = e
-    if dist.broadcast_flag(error is not None, device):
-        raise error or UserError(f"{run_dir}: in use by another process (run.lock)")
-    return lock
-
-
-def repair_best(run_dir: Path, resume_path: Path, resumed: dict) -> None:
-    """A kill between the files of one save (by an older version, or a file removed by hand) can leave
-    model_best.pth behind the best that the checkpoint records; when that best is the checkpoint's own
-    epoch-end state, write it again."""
-    if resumed["not_improved_count"] or resumed["batch_in_epoch"] or not math.isfinite(resumed["monitor_best"]):
-        return
-    best = run_dir / "model_best.pth"
-    try:
-        if best.exists() and checkpoint.load(best)["monitor_best"] == resumed["monitor_best"]:
-            return
-    except UserError:
-        pass  # damaged: rewritten below
-    checkpoint.save_atomic(resume_path.read_bytes(), best)
-    log.warning("model_best.pth was behind %s: written again from it", resume_path.name)
+    return request_of(args), args.folds
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.folds:
-        return kfold.run_folds(args, sys.argv[1:] if argv is None else list(argv), main, new_run_dir)
-    config = load_config(args) if args.resume == "auto" or not args.resume else None
-    resume_path, resumed, run_dir = load_resume(args, config) if args.resume else (None, None, None)
-    config = config or load_config(args, resume_path, resumed)
-    changes = resume_changes(config, resumed) if resumed else []
-    device = start_process(config, args)
-    data_loader = config.build("data_loader", seed=config["seed"]).to(device)
-    trainer = config.targets["trainer"](config=config, device=device, **build_parts(config, device, data_loader,
-                                                                                     args.finetune))
-    if resumed:
-        restore(trainer, resumed, resume_path, config)
-        if reason := finished(trainer, resumed, config):
-            print(f"{resume_path}: nothing to do: {reason} (--epochs N trains further)")
-            return 0
-    trainer.check_first_batches()  # before anything is written
-    trainer.run_dir = run_dir = run_dir or (Path(args.run_dir) if args.run_dir else new_run_dir(config))
-    lock = claim(run_dir, device)  # noqa: F841 - held until the process ends
-    if dist.is_main():
-        checkpoint.remove_stale_temporaries(run_dir)
-        checkpoint.save_atomic((json.dumps(config.config, indent=2) + "\n").encode(), run_dir / "config.json",
-                               "config")
-    setup_logging(run_dir / "train.log", config["trainer"]["verbosity"], dist.rank())
-    if device.type == "cpu":
-        keep_freed_memory()
-    log_start(trainer, args, resume_path, resumed, changes)
-    if resumed and dist.is_main():
-        repair_best(run_dir, resume_path, resumed)
-    # Start-up's objects (torch's modules, the config, models, data) live as long as the run: frozen out of the
-    # garbage collector's sight, a full collection during training scans only what training made (instead of
-    # 300,000 objects in 0.12 s, 2% of a 2-epoch MNIST run).
-    gc.freeze()
-    trainer.train()
-    log.info("Done. Checkpoints and logs: %s", run_dir)
+    request, folds = parse_args(argv)
+    if not folds:
+        return train(request)
+    kfold = KFold(request, folds)
+    for fold in kfold.unfinished():
+        try:
+            train(kfold.fold_request(fold))
+        except BaseException:
+            print(f"k-fold: fold {fold} stopped; run the same command again to go on (finished folds are skipped)",
+                  file=sys.stderr)
+            raise
+        kfold.finish(fold)
+    kfold.summarize()
     return 0
 
 
-def log_start(trainer, args, resume_path: Path | None, resumed: dict | None, changes: list[str]) -> None:
-    if resumed:
-        log.info("Resuming %s at epoch %d, batch %d (global step %d) in %s", resume_path, trainer.epoch + 1,
-                 trainer.batch_in_epoch, trainer.global_step, trainer.run_dir)
-        for line in changes:
+def train(request: Request) -> int:
+    run = open_run(request)
+    trainer = run.config.build_trainer(run.device, run.config.build_data_loader(run.device), run=run)
+    if request.finetune:
+        checkpoint.load_model_weights(trainer.model, checkpoint.load(request.finetune)["model"],
+                                      f"--finetune {request.finetune}")
+    if run.state and (reason := run.restore(trainer)):
+        print(f"{run.resumed_from}: nothing to do: {reason} (--epochs N trains further)")
+        return 0
+    trainer.check_first_batches()  # before anything is written
+    run.start()
+    if run.device.type == "cpu":
+        keep_freed_memory()
+    log_start(trainer, run, request)
+    # Start-up's objects (torch's modules, the config, models, data) live as long as the run: frozen out of the
+    # garbage collector's sight, a full collection during training scans only what training made (not the
+    # hundreds of thousands of objects torch's import made; benchmarks/README.md).
+    gc.freeze()
+    trainer.train()
+    log.info("Done. Checkpoints and logs: %s", run.dir)
+    return 0
+
+
+def log_start(trainer, run: Run, request: Request) -> None:
+    if run.state:
+        log.info("Resuming %s at epoch %d, batch %d (global step %d) in %s", run.resumed_from, trainer.epoch + 1,
+                 trainer.batch_in_epoch, trainer.global_step, run.dir)
+        for line in run.changes:
             log.warning("Config changed since the checkpoint: %s", line)
-        if resumed.get("data", trainer.data_fingerprint) != trainer.data_fingerprint:
+        if run.state.get("data", trainer.data_fingerprint) != trainer.data_fingerprint:
             log.warning("The training data differ from the checkpoint's (%s, now %s): the resume is not exact",
-                        resumed["data"], trainer.data_fingerprint)
-    elif args.resume == "auto":
-        log.info("-r auto: no checkpoint of this run yet: starting it in %s", trainer.run_dir)
+                        run.state["data"], trainer.data_fingerprint)
+    elif request.resume == "auto":
+        log.info("-r auto: no checkpoint of this run yet: starting it in %s", run.dir)
     else:
-        log.info("Run directory: %s", trainer.run_dir)
+        log.info("Run directory: %s", run.dir)
     log.debug("%s", trainer.model)
     log.info("Training on %s (%d process%s), %d training samples, %d validation samples", trainer.device,
              dist.world_size(), "es" if dist.world_size() > 1 else "", trainer.data_loader.n_samples,

@@ -2,14 +2,13 @@
 
 import logging
 import math
-import re
 import signal
 import time
 from pathlib import Path
 
 import torch
 
-from base import options
+from config.schema import TRAINER
 from logger import TensorboardWriter, progress_bar
 from logger.metrics_file import MetricsFile
 from utils import checkpoint, dist
@@ -42,25 +41,29 @@ class NamedStates:
             obj.load_state_dict(state[name])
 
 
+def one_or_named(objects: dict, several=NamedStates):
+    """A role's objects as the checkpoint holds them: the one named 'model' as itself, several as one object by
+    name (`several`), none as None. The one rule for "one model or many" after the config's."""
+    if not objects:
+        return None
+    return objects["model"] if objects.keys() == {"model"} else several(objects)
+
+
 class BaseTrainer:
-    DEFAULTS = options.DEFAULTS  # the trainer keys a config may set; a subclass may add its own
+    DEFAULTS = TRAINER  # the trainer keys a config may set; a subclass may add its own
     LOGGED: tuple[str, ...] = ()  # names a subclass's steps log besides loss and metrics (monitor may name them)
 
-    def __init__(self, model, criterion, metric_fns: dict, optimizer, config, device: torch.device,
-                 run_dir: Path | None = None, lr_scheduler=None):
-        """`model`, `optimizer` and `lr_scheduler` are one object each, or dicts by name (several models;
-        an optimizer has the name of the model it trains, a scheduler that of its optimizer)."""
-        self.config, self.options = config, config["trainer"]
-        self.device = device
-        self.run_dir = Path(run_dir) if run_dir else None  # train.py sets it once the first batches passed
-        self.models = model if isinstance(model, dict) else {"model": model}
-        self.model = torch.nn.ModuleDict(model) if isinstance(model, dict) else model  # what is saved as "model"
-        self.optimizers = optimizer if isinstance(optimizer, dict) else {"model": optimizer}
-        self.lr_schedulers = lr_scheduler if isinstance(lr_scheduler, dict) else {"model": lr_scheduler}
-        self.lr_schedulers = {name: s for name, s in self.lr_schedulers.items() if s is not None}
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler  # as given: one object, or a dict
+    def __init__(self, config, device: torch.device, models: dict, criterion, metric_fns: dict, optimizers: dict,
+                 lr_schedulers: dict, run=None):
+        """`models`, `optimizers` and `lr_schedulers` by name (config.build_named): one of each is named 'model';
+        with several, an optimizer has the name of the model it trains, a scheduler that of its optimizer.
+        `run` (runs/run.py): the run whose directory the checkpoints go to, once it started."""
+        self.config, self.options, self.device, self.run = config, config["trainer"], device, run
+        self.models, self.optimizers, self.lr_schedulers = models, optimizers, lr_schedulers
+        self.model = one_or_named(models, torch.nn.ModuleDict)  # what is saved as "model"
+        self.optimizer, self.lr_scheduler = optimizers.get("model"), lr_schedulers.get("model")  # of one model
         specs = dict(config.entries("lr_scheduler")) if config["lr_scheduler"] else {}
-        self.scheduler_intervals = {name: specs[name].get("interval", "epoch") for name in self.lr_schedulers}
+        self.scheduler_intervals = {name: specs[name].get("interval", "epoch") for name in lr_schedulers}
         self.criterion, self.metric_fns = criterion, metric_fns
         self.epochs, self.log_step = self.options["epochs"], self.options["log_step"]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.options["amp"] == "fp16")
@@ -77,12 +80,9 @@ class BaseTrainer:
     def stateful(self) -> dict:
         """The objects whose `state_dict()` is part of the run state, by checkpoint key (None: absent).
         A subclass adds its own (a sampler, an EMA of the weights) by extending this dict."""
-        def named(obj):
-            return NamedStates(obj) if isinstance(obj, dict) else obj
-
         criterion = self.criterion if isinstance(self.criterion, torch.nn.Module) else None  # e.g. a loss's history
-        return {"model": self.model, "optimizer": named(self.optimizer), "lr_scheduler": named(self.lr_scheduler),
-                "scaler": self.scaler, "criterion": criterion}
+        return {"model": self.model, "optimizer": one_or_named(self.optimizers),
+                "lr_scheduler": one_or_named(self.lr_schedulers), "scaler": self.scaler, "criterion": criterion}
 
     def state_dict(self) -> dict:
         return {
@@ -123,11 +123,11 @@ class BaseTrainer:
     def train(self) -> dict[str, float]:
         """Train from the epoch after the last completed one; returns the last epoch's results."""
         # Points up to global_step were logged before the checkpoint was saved: a resume hides only later ones.
-        self.writer = TensorboardWriter(self.run_dir / "tensorboard", self.options["tensorboard"] and dist.is_main(),
+        self.writer = TensorboardWriter(self.run.dir / "tensorboard", self.options["tensorboard"] and dist.is_main(),
                                         purge_step=self.global_step + 1 if self.global_step else None)
-        self.metrics_file = MetricsFile(self.run_dir / "metrics.csv", self.epoch, dist.is_main())
+        self.metrics_file = MetricsFile(self.run.dir / "metrics.csv", self.epoch, dist.is_main())
         if dist.is_main():
-            self.profiler = start_profiler(self.options.get("profile"), self.run_dir / "profile", self.device)
+            self.profiler = start_profiler(self.options.get("profile"), self.run.dir / "profile", self.device)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         result = {}
         try:
@@ -139,7 +139,7 @@ class BaseTrainer:
                     break
                 if epoch < self.epochs and dist.any_flag(self._signal is not None, self.device):
                     # the signal came during validation or saving: latest.pth holds this epoch's end
-                    raise Interrupted(self._signal or signal.SIGTERM, self.run_dir / "latest.pth")
+                    raise Interrupted(self._signal or signal.SIGTERM, self.run.latest)
             self.writer.hparams(self.config.config, result)
         finally:
             for sig, handler in previous.items():
@@ -179,8 +179,8 @@ class BaseTrainer:
 
     def _stop_now(self) -> None:
         """Save where we are (mid-epoch) and leave with an exit code that says which signal."""
-        path = self._save(["latest.pth"])
-        raise Interrupted(self._signal or signal.SIGTERM, path)
+        self._save()
+        raise Interrupted(self._signal or signal.SIGTERM, self.run.latest)
 
     def learning_rates(self) -> dict[str, float]:
         """{'lr': ...} for one optimizer, {'lr_<name>': ...} for several (their first parameter group's)."""
@@ -218,51 +218,30 @@ class BaseTrainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def _save_epoch(self, epoch: int, improved: bool) -> None:
-        """model_best and the periodic file first, latest.pth last: a kill between two files leaves latest.pth
-        at the previous epoch, which the resume trains again (and then writes model_best again if it improves)."""
         if not self._weights_finite():  # a finite loss can still come with NaN/Inf gradients
             raise TrainingError(f"model weights are NaN or Inf after epoch {epoch}: not saved, stopping; "
-                                f"{self.kept()} (lower the learning rate or clip gradients)")
-        period = self.options["save_period"]
-        names = ["model_best.pth"] if improved else []
+                                f"{self.run.kept()} (lower the learning rate or clip gradients)")
         if improved:
-            log.info("Saving model_best.pth (%s = %.6g)", self.monitor_key, self.monitor_best)
-        if period and epoch % period == 0:
-            names.append(f"checkpoint-epoch{epoch}.pth")
-        self._save([*names, "latest.pth"])
-        if dist.is_main() and self.options["keep_last"]:
-            numbered = {int(m[1]): p for p in self.run_dir.glob("checkpoint-epoch*.pth")
-                        if (m := re.fullmatch(r"checkpoint-epoch(\d+)\.pth", p.name))}  # not 'epoch1 (copy).pth'
-            for old in sorted(numbered)[: -self.options["keep_last"]]:
-                numbered[old].unlink(missing_ok=True)
-
-    def kept(self) -> str:
-        """What an error that stops the run leaves to resume from."""
-        if self.run_dir and (self.run_dir / "latest.pth").exists():
-            return f"the last good checkpoint in {self.run_dir} is kept"
-        return "no checkpoint was written yet"
+            log.info("New best %s = %.6g", self.monitor_key, self.monitor_best)
+        self._save(epoch, improved)
 
     def _weights_finite(self) -> bool:
         """Every floating-point parameter and buffer is finite (one host sync, once an epoch)."""
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
-    def _save(self, names: list[str]) -> Path:
-        """Write the run state to each of `names` in the run directory (rank 0; the others wait)."""
+    def _save(self, epoch: int | None = None, improved: bool = False) -> None:
+        """Write the run state (rank 0; the others wait): at the end of `epoch`, or mid-epoch (None)."""
         state = self.state_dict()  # every rank takes part: it gathers the RNG states
         error = None
         if dist.is_main():
             try:
-                data = checkpoint.serialize(state)
-                for name in names:
-                    checkpoint.save_atomic(data, self.run_dir / name)
+                self.run.save(state, epoch, improved)
             except TrainingError as e:
                 error = e
         if dist.broadcast_flag(error is not None, self.device):
             raise error or TrainingError("rank 0 could not write a checkpoint")
         self.last_save = time.monotonic()
-        log.debug("Saved %s at epoch %d, step %d", ", ".join(names), self.epoch, self.global_step)
-        return self.run_dir / names[-1]
 
     # ---- logging ------------------------------------------------------------------------------------
     def _log_epoch(self, epoch: int, result: dict, seconds: float) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from utils.config import check_keys, check_type
+from config.schema import check_keys, check_type
 from utils.errors import UserError
 
 # `augment` keys and their defaults (off)

@@ -12,10 +12,11 @@ import torch
 from torch.utils.data import Dataset
 
 from base import BaseDataLoader
+from config.resolve import check_built, resolve
+from config.schema import check_args, signature_params
 from data_loader.augment import BatchAugment, draw_seed
 from data_loader.datasets import MNIST_FILES, InMemoryImages, find_file, read_images_and_labels
 from data_loader.pipeline import PipelineDataLoader, build_pipeline
-from utils.config import check_args, check_built, resolve, signature_params
 from utils.errors import UserError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081

@@ -20,8 +20,9 @@ from torch.utils.data import Dataset, get_worker_info
 
 from base import BaseDataLoader
 from base.base_data_loader import _IndexSampler
+from config.resolve import check_built, resolve
+from config.schema import check_args, check_keys
 from data_loader.augment import draw_seed
-from utils.config import check_args, check_built, check_keys, resolve
 from utils.errors import UserError
 
 PIPELINES = ("train", "eval")

@@ -27,14 +27,6 @@ def setup_logging(log_file: Path | None, verbosity: int = 2, rank: int = 0) -> N
         root.addHandler(file)
 
 
-def log_to_file(message: str) -> None:
-    """Put a closing error in the run's train.log too (the console already has it, on stderr)."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.emit(logging.makeLogRecord({"msg": message, "levelno": logging.ERROR, "levelname": "ERROR",
-                                                "name": "train"}))
-
-
 def progress_bar(total: int, desc: str, initial: int = 0, enabled: bool = True):
     """tqdm over samples, for people watching a terminal; off in CI, in files and on ranks > 0."""
     from tqdm import tqdm

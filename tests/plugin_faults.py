@@ -4,6 +4,7 @@
 import os
 
 from trainer.trainer import Trainer
+from utils import checkpoint
 
 
 class DiesBetweenFiles(Trainer):
@@ -11,8 +12,16 @@ class DiesBetweenFiles(Trainer):
 
     DEFAULTS = {**Trainer.DEFAULTS, "die_at": 0}
 
-    def _save(self, names: list[str]):
-        if self.epoch == self.options["die_at"] and len(names) > 1:
-            super()._save(names[:1])
-            os._exit(9)
-        return super()._save(names)
+    def _save(self, epoch=None, improved=False):
+        if epoch is not None and epoch == self.options["die_at"]:
+            write = checkpoint.save_atomic
+            written = []
+
+            def write_one_then_die(data, path, what="checkpoint"):
+                if written:
+                    os._exit(9)
+                write(data, path, what)
+                written.append(path)
+
+            checkpoint.save_atomic = write_one_then_die
+        return super()._save(epoch, improved)

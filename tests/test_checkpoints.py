@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from base.base_trainer import Interrupted
+from config.parser import ConfigParser
 from conftest import ROOT, make_config, run, run_dirs
+from runs.run import Run, load_newest, newest_run
 from trainer.trainer import Trainer
 from utils import checkpoint
-from utils.config import ConfigParser
 from utils.errors import TrainingError, UserError
 
 STEPS_PER_EPOCH = 112  # 1024 images - 128 for validation, in batches of 8
@@ -230,13 +231,10 @@ def one_thread():
 
 
 def make_trainer(run_dir: Path, config_file: Path, trainer_class: type = Trainer) -> Trainer:
-    config = ConfigParser.from_file(config_file)
-    loader = config.build("data_loader", seed=config["seed"])
-    model = config.build("arch")
-    optimizer = config.build("optimizer", model.parameters())
+    config, device = ConfigParser.from_file(config_file), torch.device("cpu")
+    config.targets["trainer"] = trainer_class
     run_dir.mkdir()
-    return trainer_class(model, config.build_loss(), config.build_metrics(), optimizer, config, torch.device("cpu"),
-                         loader, loader.split_validation(), config.build("lr_scheduler", optimizer), run_dir)
+    return config.build_trainer(device, config.build_data_loader(device), run=Run(config, device, run_dir))
 
 
 def assert_same_state(a, b, where: str = "state") -> None:
@@ -376,8 +374,8 @@ def test_sigkill_at_random_moments_never_leaves_a_damaged_checkpoint(tmp_path, t
     assert stats["mid_write"] >= 2, stats  # some kills hit a checkpoint being written
     assert stats["damaged"] == 0, stats  # after every kill, every checkpoint loads with weights_only=True
 
-    run_dir = checkpoint.newest_run(tmp_path / "saved", "tiny")
-    epoch = checkpoint.load_newest(run_dir)[1]["epoch"]
+    run_dir = newest_run(tmp_path / "saved", "tiny")
+    epoch = load_newest(run_dir)[1]["epoch"]
     periodic = sorted(int(p.stem[16:]) for p in run_dir.glob("checkpoint-epoch*.pth"))
 
     result = train("-r", "auto", "-c", config, "--epochs", str(epoch + 1))

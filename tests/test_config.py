@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from base.base_trainer import BaseTrainer
+from config.files import load_file
+from config.parser import ConfigParser, diff_configs
 from conftest import BASE_CONFIG, make_config
 from model import loss as module_loss
-from utils.config import ConfigParser, diff_configs, load_file
 from utils.errors import UserError
 
 
@@ -118,7 +119,7 @@ def test_shipped_configs_are_valid():
 
 
 def test_base_config_has_every_required_top_level_key():
-    from utils.config import REQUIRED, TOP_LEVEL
+    from config.schema import REQUIRED, TOP_LEVEL
 
     assert {k for k, v in TOP_LEVEL.items() if v is REQUIRED} <= set(BASE_CONFIG)
 

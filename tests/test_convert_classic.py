@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from config.parser import ConfigParser
 from conftest import ROOT, make_config, run, run_dirs
 from model.model import MnistModel
-from utils.config import ConfigParser
 from utils.errors import UserError
 
 CONVERT = "scripts/convert_classic_checkpoint.py"

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from config.parser import ConfigParser
 from conftest import ROOT, make_config, run, run_dirs, write_image_folder
 from data_loader.augment import BatchAugment
 from data_loader.data_loaders import MnistDataLoader, TorchvisionDataLoader
-from utils.config import ConfigParser
 from utils.errors import UserError
 
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import new_project
+from config.parser import ConfigParser
 from conftest import ROOT, make_config, run, run_dirs, write_image_folder
 from model.loss import focal_loss
 from model.metric import true_class_prob
+from runs.run import Run
 from trainer.trainer import Trainer
 from utils.cli import run_main
-from utils.config import ConfigParser
 from utils.errors import UserError
 
 
@@ -156,11 +157,8 @@ def test_yaml_config_is_the_json_one():
 def test_trainer_subclass_overrides_the_steps(tmp_path, tiny_mnist):
     overrides = {"trainer.epochs": 1, "trainer.tensorboard": False}
     config = ConfigParser.from_file(make_config(tmp_path, tiny_mnist, overrides))
-    data_loader = config.build("data_loader", seed=config["seed"])
-    valid_data_loader = data_loader.split_validation()
-    model = config.build("arch")
-    optimizer = config.build("optimizer", model.parameters())
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    device = torch.device("cpu")
+    data_loader = config.build_data_loader(device)
 
     class FrozenTrainer(Trainer):
         """Returns a zero loss: if the loop backpropagates what the hook returns, nothing learns."""
@@ -178,8 +176,10 @@ def test_trainer_subclass_overrides_the_steps(tmp_path, tiny_mnist):
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    trainer = FrozenTrainer(model, config.build_loss(), config.build_metrics(), optimizer, config,
-                            torch.device("cpu"), data_loader, valid_data_loader, run_dir=run_dir)
+    config.targets["trainer"] = FrozenTrainer
+    trainer = config.build_trainer(device, data_loader, run=Run(config, device, run_dir))
+    model, valid_data_loader = trainer.model, trainer.valid_data_loader
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     result = trainer.train()
 
     assert trainer.train_calls == trainer.global_step == len(data_loader)

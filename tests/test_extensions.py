@@ -6,10 +6,10 @@ stop-at-epoch-1 + resume gives the uninterrupted run's state exactly."""
 import pytest
 import torch
 
+from config.parser import ConfigParser
 from conftest import ROOT, make_config, run, run_dirs
 from test_checkpoints import assert_same_state
 from test_examples import tensorboard_contents
-from utils.config import ConfigParser
 from utils.errors import UserError
 
 ENV = {"PYTHONPATH": str(ROOT / "tests")}  # plugin_indexed.py: a project outside this one
@@ -122,12 +122,11 @@ def test_len_epoch_draws_from_an_endless_stream_and_resumes_exactly(tmp_path, ti
 def build(tmp_path, tiny_mnist, overrides: dict, trainer_class=None):
     config = ConfigParser.from_file(make_config(tmp_path, tiny_mnist, {"trainer.epochs": 1, "trainer.tensorboard":
                                                                        False, **overrides}))
-    from utils.startup import build_parts
+    from runs.run import Run
 
-    data_loader = config.build("data_loader", seed=1)
-    cls = trainer_class or config.targets["trainer"]
-    return cls(config=config, device=torch.device("cpu"), run_dir=tmp_path, **build_parts(config, torch.device("cpu"),
-                                                                                       data_loader))
+    device = torch.device("cpu")
+    config.targets["trainer"] = trainer_class or config.targets["trainer"]
+    return config.build_trainer(device, config.build("data_loader", seed=1), run=Run(config, device, tmp_path))
 
 
 def float_accuracy(output, target):

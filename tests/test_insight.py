@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from base import BaseDataLoader
+from config.parser import ConfigParser
 from conftest import BASE_CONFIG, make_config, run, run_dirs
 from utils import checkpoint
-from utils.config import ConfigParser
 from utils.errors import UserError
 
 SUGGESTION = re.compile(r"^Suggested lr: (\S+) ", re.MULTILINE)

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from base import BaseDataLoader
+from config.parser import ConfigParser
 from conftest import BASE_CONFIG, ROOT, make_config, run, run_dirs
 from data_loader.data_loaders import MnistDataLoader
 from data_loader.datasets import MNIST_FILES, InMemoryImages
+from runs.run import Run
 from trainer.trainer import Trainer
 from utils import checkpoint
-from utils.config import ConfigParser
 from utils.errors import UserError
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -50,11 +51,11 @@ def make_trainer(tmp_path, options: dict, batch_size: int = 8, lr: float = 0.1, 
     if options.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    lr_scheduler = config.build("lr_scheduler", optimizer) if scheduler else None
+    lr_schedulers = {"model": config.build("lr_scheduler", optimizer)} if scheduler else {}
     run_dir = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
     run_dir.mkdir()
-    return Trainer(model, F.cross_entropy, {}, optimizer, config, device, tiny_loader(batch_size).to(device),
-                   lr_scheduler=lr_scheduler, run_dir=run_dir)
+    return Trainer(config, device, {"model": model}, F.cross_entropy, {}, {"model": optimizer}, lr_schedulers,
+                   tiny_loader(batch_size).to(device), run=Run(config, device, run_dir))
 
 
 def weights(trainer: Trainer) -> torch.Tensor:
@@ -123,7 +124,7 @@ def test_fp16_with_grad_scaler(tmp_path):
     trainer.train()
     assert all(output.dtype == torch.float16 for _, output in seen)
     assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() > 1
-    state = checkpoint.load(trainer.run_dir / "latest.pth")
+    state = checkpoint.load(trainer.run.dir / "latest.pth")
     assert state["scaler"]["scale"] == trainer.scaler.get_scale()
 
 

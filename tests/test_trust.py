@@ -164,7 +164,8 @@ def test_finetune_uses_only_the_weights(tmp_path, work, trained):
 
 def test_shipped_configs_resolve_within_what_a_checkpoint_may_name():
     """So `test.py -r` on their checkpoints needs no flag (image_folder names torchvision.models.resnet18)."""
-    from utils.config import ConfigParser, load_file
+    from config.files import load_file
+    from config.parser import ConfigParser
 
     for path in sorted((ROOT / "configs").glob("*.*")):
         ConfigParser.from_dict(load_file(path), f"{path} (its config)", restricted=True)

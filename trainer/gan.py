@@ -32,10 +32,10 @@ class GanTrainer(Trainer):
     def train_step(self, batch) -> dict:
         real = batch[0]
         loss_d, fake = self.losses(real, self.forward_models["generator"], self.forward_models["discriminator"])
-        self.optimize(loss_d, "discriminator")
+        self.optim_step(loss_d, "discriminator")
         # the plain discriminator: under DDP only the generator's gradients are all-reduced here
         loss_g = self.criterion(self.models["discriminator"](fake), torch.ones(len(real), 1, device=self.device))
-        self.optimize(loss_g, "generator")
+        self.optim_step(loss_g, "generator")
         return {"loss": loss_d + loss_g, "loss_d": loss_d, "loss_g": loss_g}
 
     def valid_step(self, batch) -> dict:

@@ -2,7 +2,6 @@
 what a step computes (README: "Custom training steps"); the loop stays this one."""
 
 import contextlib
-import functools
 import inspect
 import itertools
 import logging
@@ -13,8 +12,9 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from base import BaseTrainer
+from trainer.optim_step import OptimStep
 from utils import dist
-from utils.errors import TrainingError, UserError, last_words
+from utils.errors import TrainingError, UserError, one_line
 from utils.profiler import profiled
 
 log = logging.getLogger("train")
@@ -72,9 +72,9 @@ def failing_batch(what: str):
     try:
         yield
     except UserError as e:  # a step or metric of the wrong kind, a file a data loader cannot read
-        raise UserError(f"{what}: {last_words(e)}") from None
+        raise UserError(f"{what}: {one_line(e)}") from None
     except (RuntimeError, IndexError, ValueError, TypeError, OSError) as e:
-        raise UserError(f"{what}: {type(e).__name__}: {last_words(e)[:300]}") from None
+        raise UserError(f"{what}: {type(e).__name__}: {one_line(e)[:300]}") from None
 
 
 class MetricTracker:
@@ -178,22 +178,19 @@ class Trainer(BaseTrainer):
     """Supervised training: batches of (data, target), one model, one optimizer, by default. A subclass
     changes `train_step`/`valid_step`; with several models its train_step calls `optimize` per optimizer."""
 
-    def __init__(self, model, criterion, metric_fns, optimizer, config, device, data_loader,
-                 valid_data_loader=None, lr_scheduler=None, run_dir=None):
-        super().__init__(model, criterion, metric_fns, optimizer, config, device, run_dir, lr_scheduler)
+    def __init__(self, config, device, models, criterion, metric_fns, optimizers, lr_schedulers, data_loader,
+                 valid_data_loader=None, run=None):
+        super().__init__(config, device, models, criterion, metric_fns, optimizers, lr_schedulers, run)
         self._check_overrides()
         self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
         self.data_fingerprint = data_loader.fingerprint()
         self.train_metrics = MetricTracker(metric_fns, device, f"{type(self).__name__}.train_step")
-        self.accum_steps, self.grad_clip = self.options["accum_steps"], self.options["grad_clip"]
         self.memory_format = torch.channels_last if self.options["channels_last"] else torch.preserve_format
-        self.params = {name: [p for group in opt.param_groups for p in group["params"]]
-                       for name, opt in self.optimizers.items()}
         self.forward_models = {name: self._wrap(m) for name, m in self.models.items()}  # what steps call
         self.forward_model = next(iter(self.forward_models.values()))
-        self._stepping, self._group, self._optimized, self._skipped = True, 1, False, False
-        self._outside_autocast = (contextlib.nullcontext if self.options["amp"] == "off" else  # 3 us a step saved
-                                  functools.partial(torch.autocast, device.type, enabled=False))
+        self.optim_step = OptimStep(self.optimizers, self.scaler, self.options, device)
+        self.optimize = self.optim_step  # the name steps written before the step object use
+        self.skipped_steps = 0  # on_nonfinite: skip, in this epoch
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model as the training steps call it: compiled and/or in DDP (its state is saved unwrapped)."""
@@ -258,22 +255,6 @@ class Trainer(BaseTrainer):
         value = self.criterion(output, target)
         return {**(value if isinstance(value, Mapping) else {"loss": value}), "output": output, "target": target}
 
-    def optimize(self, loss: torch.Tensor, name: str = "model") -> None:
-        """Backward `loss` into the parameters of optimizer `name` (scaled for fp16, averaged over the
-        accumulation group); on the group's last micro-batch also unscale, clip and step it. The loop calls
-        this for a step that did not; zeroing the gradients and the step count stay the loop's."""
-        self._optimized = True
-        if self.options["on_nonfinite"] == "skip" and self._nonfinite(loss):
-            return
-        with self._outside_autocast():  # backward outside autocast
-            scaled = self.scaler.scale(loss / self._group if self._group > 1 else loss)
-            scaled.backward(inputs=self.params[name] if len(self.optimizers) > 1 else None)
-        if self._stepping:
-            if self.grad_clip:
-                self.scaler.unscale_(self.optimizers[name])
-                torch.nn.utils.clip_grad_norm_(self.params[name], self.grad_clip)
-            self.scaler.step(self.optimizers[name])
-
     # ---- one epoch: move the batch, step, maybe finish the optimizer step, maybe the interval work -----------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         skip, n_batches = self._start_epoch(epoch)
@@ -285,14 +266,11 @@ class Trainer(BaseTrainer):
         for batch_idx, batch in enumerate(batches, start=skip):
             batch = to_device(batch, self.device, self.memory_format)
             last = batch_idx + 1 == n_batches
-            self._stepping = (batch_idx + 1) % self.accum_steps == 0 or last
-            self._group = min(self.accum_steps, n_batches - batch_idx // self.accum_steps * self.accum_steps)
-            result = self._step(batch, epoch)
+            result = self.train_batch(batch, batch_idx, n_batches, last and self._due(epoch, "tb_histograms"))
             if result is None:  # on_nonfinite: skip
                 continue
             self.train_metrics.update(result, samples_in(result, batch))
-            if self._stepping:
-                self._finish_step(histograms=last and self._due(epoch, "tb_histograms"))
+            if self.optim_step.stepping:
                 self.batch_in_epoch = batch_idx + 1
                 self._after_step(epoch, bar, last)
         bar.close()
@@ -300,12 +278,12 @@ class Trainer(BaseTrainer):
 
     def _start_epoch(self, epoch: int) -> tuple[int, int]:
         """Prepare the epoch: (batches to skip, > 0 only when resuming in the middle of it; batches in it)."""
-        self._train_mode(True)
+        self.train_mode(True)
         skip = self.batch_in_epoch
         if not skip:  # a mid-epoch resume restored the running sums (load_state_dict)
             self.train_metrics.reset()
         self.train_metrics.mark(skip)
-        self.skipped_steps = 0  # on_nonfinite: skip
+        self.skipped_steps = 0
         self.data_loader.set_epoch(epoch)
         self._log_images(epoch)
         return skip, self.options["len_epoch"] or len(self.data_loader)
@@ -325,44 +303,33 @@ class Trainer(BaseTrainer):
                 position += 1
                 yield batch
 
-    def _step(self, batch, epoch: int) -> Mapping | None:
-        """train_step under autocast, then the loop's own backward unless the step called `optimize`;
-        gradients are all-reduced only on a stepping micro-batch. None: skipped (on_nonfinite: skip)."""
-        self._optimized = self._skipped = False
-        with self._grad_sync(self._stepping):
+    def train_batch(self, batch, number: int, n_batches: int, histograms: bool = False) -> Mapping | None:
+        """Micro-batch `number` of `n_batches` (on the device) through train_step under autocast, then the loop's
+        own backward unless the step called `optim_step`; gradients are all-reduced only on a micro-batch that
+        ends an accumulation group, and then the optimizers step. None: skipped (on_nonfinite: skip)."""
+        stepping = self.optim_step.begin(number, n_batches)
+        with self._grad_sync(stepping):
             with autocast(self.device, self.options["amp"]):
                 result = self.train_step(batch)
             if self.train_metrics.names is None:
                 self.train_metrics.start(result)  # the first batch: a step that returns the wrong kind stops here
-            if not self._optimized:
-                self.optimize(result["loss"])
-        if not self._skipped:
-            return result
-        self._zero_grad()
-        self.skipped_steps += 1
-        log.warning("Skipped a step in epoch %d: loss is NaN or Inf (%d skipped this epoch)", epoch, self.skipped_steps)
-        return None
-
-    def _nonfinite(self, loss: torch.Tensor) -> bool:
-        """on_nonfinite: skip. A NaN/Inf loss on any rank drops the step's gradients; all ranks skip together.
-        A host sync per step, by request."""
-        self._skipped = self._skipped or dist.any_flag(not torch.isfinite(loss).item(), self.device)
-        return self._skipped
-
-    def _finish_step(self, histograms: bool) -> None:
-        """After the optimizers stepped: the fp16 scale, histograms, zeroed gradients, per-step schedulers."""
-        self.scaler.update()
-        if histograms:
-            self.writer.histograms(self.model, self.global_step + 1)
-        self._zero_grad()
-        for name, scheduler in self.lr_schedulers.items():
-            if self.scheduler_intervals[name] == "step":
-                scheduler.step()
-        self.global_step += 1
-
-    def _zero_grad(self) -> None:
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
+            if not self.optim_step.called:
+                self.optim_step(result["loss"])
+        if self.optim_step.skipped:
+            self.optim_step.zero_grad()
+            self.skipped_steps += 1
+            log.warning("Skipped a step in epoch %d: loss is NaN or Inf (%d skipped this epoch)", self.epoch + 1,
+                        self.skipped_steps)
+            return None
+        if stepping:
+            if histograms:
+                self.writer.histograms(self.model, self.global_step + 1)
+            self.optim_step.finish()
+            for name, scheduler in self.lr_schedulers.items():
+                if self.scheduler_intervals[name] == "step":
+                    scheduler.step()
+            self.global_step += 1
+        return result
 
     def _after_step(self, epoch: int, bar, last: bool) -> None:
         """Every log_step optimizer steps (and at the epoch's end): the NaN/Inf check and the logs; then a
@@ -374,7 +341,7 @@ class Trainer(BaseTrainer):
             bar.close()
             self._stop_now()
         if self._save_due():
-            self._save(["latest.pth"])
+            self._save()
 
     def _save_due(self) -> bool:
         """Every save_step optimizer steps; or, at log intervals, when save_minutes have passed since the last
@@ -389,7 +356,7 @@ class Trainer(BaseTrainer):
         if not self.train_metrics.count:  # never report a metric of 0 for an epoch that learnt nothing
             why = ("every step had a NaN/Inf loss and was skipped" if self.skipped_steps else
                    "no training batch: is batch_size larger than the training data, with drop_last?")
-            raise TrainingError(f"epoch {epoch} trained no step ({why}); stopping; {self.kept()}")
+            raise TrainingError(f"epoch {epoch} trained no step ({why}); stopping; {self.run.kept()}")
         result = self.train_metrics.result()
         if self.skipped_steps:
             result["skipped_steps"] = self.skipped_steps
@@ -403,7 +370,7 @@ class Trainer(BaseTrainer):
                 stack.enter_context(model.no_sync())
         return stack
 
-    def _train_mode(self, training: bool) -> None:
+    def train_mode(self, training: bool) -> None:
         """Models and a module loss (which may keep state only while training) in train or eval mode."""
         self.model.train(training)
         if isinstance(self.criterion, torch.nn.Module):
@@ -414,7 +381,7 @@ class Trainer(BaseTrainer):
     def evaluate(self, loader, progress=None) -> dict[str, float]:
         """Sample-weighted averages of what valid_step returns over `loader`, reduced over ranks.
         Validation and test.py both use this."""
-        self._train_mode(False)
+        self.train_mode(False)
         tracker = MetricTracker(self.metric_fns, self.device, f"{type(self).__name__}.valid_step")
         for batch in loader:
             batch = to_device(batch, self.device)
@@ -441,7 +408,7 @@ class Trainer(BaseTrainer):
         bad = self.train_metrics.first_nonfinite()
         if dist.any_flag(bad is not None, self.device):
             where = f"batch {bad + 1}" if bad is not None else "on another rank"
-            raise TrainingError(f"loss is NaN or Inf at epoch {epoch}, {where}: stopping; {self.kept()} "
+            raise TrainingError(f"loss is NaN or Inf at epoch {epoch}, {where}: stopping; {self.run.kept()} "
                                 "(lower the learning rate or clip gradients)")
 
     def _log_progress(self, bar) -> None:

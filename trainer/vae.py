@@ -9,7 +9,9 @@ class VaeTrainer(Trainer):
 
     def train_step(self, batch) -> dict:
         images = batch[0]
-        return self.criterion(self.forward_model(images), images)
+        result = self.criterion(self.forward_model(images), images)
+        self.optim_step(result["loss"])  # what the loop does for a step that does not call it
+        return result
 
     def valid_step(self, batch) -> dict:
         images = batch[0]

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, safe loads, and finding the newest one that loads.
+"""Checkpoint files: atomic writes, safe loads, and the random generators' state (which file is which: runs/).
 
 A checkpoint is one plain dict (state dicts, numbers, strings, the config as a dict) that loads with
 `torch.load(path, weights_only=True)`; nothing else is ever used to load one.
@@ -6,7 +6,6 @@ A checkpoint is one plain dict (state dicts, numbers, strings, the config as a d
 
 import contextlib
 import io
-import logging
 import os
 import random
 import re
@@ -54,12 +53,6 @@ def save_atomic(data: bytes, path: Path, what: str = "checkpoint") -> None:
         if isinstance(e, OSError):
             raise TrainingError(f"cannot write {what} {path}: {e.strerror or e}") from None
         raise
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Temporary files a killed process left behind (they are never checkpoints)."""
-    for tmp in Path(folder).glob(f".*{TMP_MARK}*"):
-        tmp.unlink(missing_ok=True)
 
 
 # The type of each field a checkpoint of this project has (a field of another type is refused on load).
@@ -120,63 +113,6 @@ def load_model_weights(model: torch.nn.Module, weights: dict, where: str) -> Non
         first = re.sub(r": copying a param with shape torch.Size\((.*?)\) from checkpoint, the shape in current "
                        r"model is torch.Size\((.*?)\)\.", r" (checkpoint \1, model \2)", details[0])
         raise UserError(f"{where}: weights do not fit {type(model).__name__}: {first[:200]}") from None
-
-
-def candidates(run_dir: Path) -> list[Path]:
-    """Resumable checkpoints of a run, newest first (model_best is a copy of an older state)."""
-    files = [p for p in Path(run_dir).glob("*.pth") if p.name != "model_best.pth"]
-    # file times are coarse: on a tie, latest.pth (written by mid-epoch saves too) is the newer state
-    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "latest.pth"), reverse=True)
-
-
-def load_newest(run_dir: Path) -> tuple[Path, dict]:
-    """The newest checkpoint in `run_dir` that loads; a damaged one falls back to the one before."""
-    files = candidates(run_dir)
-    if not files:
-        raise UserError(f"{run_dir}: no checkpoint (*.pth) to resume from")
-    for path in files:
-        try:
-            return path, load(path)
-        except UserError as e:
-            logging.getLogger("train").warning("skipping %s", e)
-    raise UserError(f"{run_dir}: none of its {len(files)} checkpoints loads")
-
-
-RUN_ID = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")  # <YYYYmmdd-HHMMSS>[-N], as train.py names runs
-
-
-def newest_run(save_dir: Path, name: str) -> Path | None:
-    """The run of config `name` started last (`-r auto`), by its id: not by folder times, which any file
-    written into an old run (a test result) would change. None when there is none."""
-    runs = [(m[1], int(m[2] or 1), p) for p in (Path(save_dir) / name).glob("*")
-            if p.is_dir() and (m := RUN_ID.fullmatch(p.name))]
-    return max(runs)[2] if runs else None
-
-
-def is_run_dir(folder: Path) -> bool:
-    """A run directory made by train.py (a resume continues there); a lone checkpoint elsewhere is not in one."""
-    return (folder / "config.json").is_file() and (folder / "train.log").is_file()
-
-
-def lock_run(run_dir: Path):
-    """Hold `run_dir/run.lock` while this process trains there: a second process gets one line naming the
-    holder. The operating system drops the lock when its process dies, so a killed run never blocks the next."""
-    import fcntl
-    import socket
-
-    lock = open(run_dir / "run.lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise UserError(f"{run_dir}: in use by {holder} (run.lock); wait for it to end or stop it") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    return lock
 
 
 # ---- random number generators -----------------------------------------------------------------

@@ -1,14 +1,33 @@
-"""The exit policy of every script: a bad command line or input is one line and exit code 2."""
+"""The command line of every script: the flags they share, the request they make of the runs module, and
+the exit policy (a bad command line or input is one line and exit code 2)."""
 
 import argparse
+import json
+import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from logger import log_to_file
 from utils import dist
-from utils.errors import UserError, last_words
+from utils.errors import UserError, one_line
+
+# Command-line shortcuts for config keys (train.py has all three, test.py only --bs).
+SHORTCUTS = {"lr": "optimizer.args.lr", "bs": "data_loader.args.batch_size", "epochs": "trainer.epochs"}
+
+
+@dataclass
+class Request:
+    """What a script was asked for, as plain data: nothing below `runs.open_run` reads the command line."""
+
+    config_file: str | None = None  # -c: the user's own config
+    resume: str | None = None  # -r: a checkpoint file, a run directory, or "auto"
+    overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE, the shortcuts and -d, in that order
+    device_flag: bool = False  # -d was given: a device error names --device, not the config key
+    trust_config: bool = False  # a checkpoint's config may name any importable code
+    finetune: str | None = None  # a new run from these model weights
+    run_dir: str | None = None  # a new run in this existing folder (a fold)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -18,12 +37,31 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="config file (.json, .yaml); with -r, used instead of the checkpoint's")
+    parser.add_argument("-d", "--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's, else auto)")
+    parser.add_argument("--bs", "--batch_size", type=int, help=f"shortcut for --set {SHORTCUTS['bs']}=...")
+    parser.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set optimizer.args.lr=0.01 trainer.epochs=3")
+    parser.add_argument("--trust-config", action="store_true",
+                        help="let a checkpoint's config name any importable code (only for files you trust)")
+
+
+def request_of(args: argparse.Namespace) -> Request:
+    """The parsed command line as a Request; the shortcuts and -d become overrides (-d as a string: -d 0)."""
+    overrides = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items()
+                 if getattr(args, flag, None) is not None]
+    overrides += args.set + ([f"device={json.dumps(args.device)}"] if args.device else [])
+    return Request(args.config, getattr(args, "resume", None), overrides, bool(args.device), args.trust_config,
+                   getattr(args, "finetune", None), getattr(args, "run_dir", None))
+
+
 def run_main(main: Callable[[], int | None]) -> None:
     """Run `main`; a UserError or an interrupt becomes one line on stderr and a non-zero exit."""
     try:
         code = main()
     except UserError as e:
-        code = report(f"error: {last_words(e)}", e.exit_code)
+        code = report(f"error: {one_line(e)}", e.exit_code)
     except OSError as e:  # a full disk, a read-only folder, a file gone: anywhere outside checkpoint writes
         code = report(f"error: {e.filename or 'I/O'}: {e.strerror or e}", 1)
     except KeyboardInterrupt:
@@ -39,11 +77,14 @@ def run_main(main: Callable[[], int | None]) -> None:
 
 
 def report(message: str, code: int) -> int:
-    """One line on stderr and in the run's log (cut short: a message may quote a value of any size)."""
+    """One line on stderr and in the run's train.log (cut short: a message may quote a value of any size)."""
     message = message if len(message) <= 2000 else f"{message[:2000]}..."
     print(message, file=sys.stderr)
-    try:
-        log_to_file(message)
-    except OSError:  # the log's own disk may be what failed
-        pass
+    record = logging.makeLogRecord({"msg": message, "levelno": logging.ERROR, "levelname": "ERROR", "name": "train"})
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            try:
+                handler.emit(record)
+            except OSError:  # the log's own disk may be what failed
+                pass
     return code

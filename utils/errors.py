@@ -15,7 +15,7 @@ class TrainingError(UserError):
     exit_code = 1
 
 
-def last_words(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     """An error's message on one line. An error raised in a DataLoader worker arrives wrapped in the worker's
     traceback ('Caught X in DataLoader worker process 0. Original Traceback ...'); its last line says it."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]

@@ -10,7 +10,7 @@ import torch
 
 
 def start_profiler(profile: dict | None, trace_dir: Path, device: torch.device):
-    """A started torch.profiler.profile on the `profile` schedule (base/options.py checks it), or None.
+    """A started torch.profiler.profile on the `profile` schedule (config/schema.py checks it), or None.
     Its traces go to `trace_dir` (tensorboard_trace_handler) when each recording cycle ends."""
     if profile is None:
         return None

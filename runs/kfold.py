@@ -9,18 +9,18 @@ continues the newest parent with the same config and K: finished folds are skipp
 resumes from its newest checkpoint.
 """
 
-import argparse
 import copy
 import csv
 import json
 import statistics
-import sys
-from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
+from runs.run import LATEST, candidates, load_config, new_run_dir
 from utils import checkpoint, dist
+from utils.cli import Request
 from utils.errors import UserError
-from utils.startup import load_config
 
 RESULTS = "folds.json"
 
@@ -28,11 +28,6 @@ RESULTS = "folds.json"
 def fold_overrides(folds: int, fold: int) -> list[str]:
     """The config keys of fold `fold`: the fold is the validation data, instead of validation_split."""
     return [f"data_loader.args.folds={folds}", f"data_loader.args.fold={fold}", "data_loader.args.validation_split=0"]
-
-
-def fold_config(args: argparse.Namespace, fold: int):
-    """The checked config of one fold: the user's config and command line plus the fold's keys."""
-    return load_config(argparse.Namespace(**{**vars(args), "set": [*args.set, *fold_overrides(args.folds, fold)]}))
 
 
 def shared_config(config) -> dict:
@@ -65,7 +60,7 @@ def fold_result(run_dir: Path, monitor: str) -> dict:
               if value and key not in ("epoch", "global_step") and key != "lr" and not key.startswith("lr_")}
     result = {"run_dir": str(run_dir), "epoch": int(last["epoch"]), "metrics": values}
     if monitor != "off":
-        result["best"] = {monitor.split()[1]: checkpoint.load(run_dir / "latest.pth")["monitor_best"]}
+        result["best"] = {monitor.split()[1]: checkpoint.load(run_dir / LATEST)["monitor_best"]}
     return result
 
 
@@ -80,39 +75,50 @@ def write_record(parent: Path, record: dict) -> None:
     checkpoint.save_atomic((json.dumps(record, indent=2) + "\n").encode(), parent / RESULTS, what="k-fold results")
 
 
-def run_folds(args: argparse.Namespace, argv: list[str], train: Callable[[list[str]], int],
-              new_run_dir: Callable) -> int:
-    """Train the folds that are not finished, one `train(argv)` each, then print and write the summary."""
-    if dist.launched_by_torchrun():
-        raise UserError("--folds runs the folds in one process; under torchrun train each fold on its own with "
-                        f"--set {' '.join(fold_overrides(args.folds, 0))} (and fold=1, 2, ...)")
-    config = fold_config(args, 0)  # every mistake stops here, before anything is written
-    shared = shared_config(config)
-    parent, record = find_parent(Path(config["trainer"]["save_dir"]) / config["name"], args.folds, shared)
-    if parent is None:
-        parent = new_run_dir(config)
-        record = {"folds": args.folds, "monitor": config["trainer"]["monitor"], "config": shared, "runs": {}}
-        write_record(parent, record)
-    print(f"k-fold: {args.folds} folds in {parent}", flush=True)
-    for fold in range(args.folds):
-        if str(fold) in record["runs"]:
-            print(f"k-fold: fold {fold} finished before, skipped", flush=True)
-            continue
-        run_dir = parent / f"fold_{fold}"
+
+class KFold:
+    """The folds of one k-fold run: its parent directory (found again, or made), which folds are finished,
+    each fold's request, and the record of their results."""
+
+    def __init__(self, request: Request, folds: int):
+        if dist.launched_by_torchrun():
+            raise UserError("--folds runs the folds in one process; under torchrun train each fold on its own with "
+                            f"--set {' '.join(fold_overrides(folds, 0))} (and fold=1, 2, ...)")
+        self.request, self.folds = request, folds
+        fold_0 = replace(request, overrides=[*request.overrides, *fold_overrides(folds, 0)])
+        config = load_config(fold_0)  # every mistake stops here, before anything is written
+        shared = shared_config(config)
+        self.parent, self.record = find_parent(Path(config["trainer"]["save_dir"]) / config["name"], folds, shared)
+        if self.parent is None:
+            self.parent = new_run_dir(config)
+            self.record = {"folds": folds, "monitor": config["trainer"]["monitor"], "config": shared, "runs": {}}
+            write_record(self.parent, self.record)
+        print(f"k-fold: {folds} folds in {self.parent}", flush=True)
+
+    def unfinished(self) -> Iterator[int]:
+        for fold in range(self.folds):
+            if str(fold) in self.record["runs"]:
+                print(f"k-fold: fold {fold} finished before, skipped", flush=True)
+                continue
+            print(f"k-fold: fold {fold} of {self.folds} in {self.parent / f'fold_{fold}'}", flush=True)
+            yield fold
+
+    def fold_request(self, fold: int) -> Request:
+        """The request of one fold: the user's plus the fold's keys, in the fold's directory (resumed from its
+        newest checkpoint if it has one)."""
+        run_dir = self.parent / f"fold_{fold}"
         run_dir.mkdir(exist_ok=True)
-        where = ["-r", str(run_dir)] if checkpoint.candidates(run_dir) else ["--run-dir", str(run_dir)]
-        print(f"k-fold: fold {fold} of {args.folds} in {run_dir}", flush=True)
-        try:
-            train([*argv, "--folds", "0", *where, "--set", *fold_overrides(args.folds, fold)])
-        except BaseException:
-            print(f"k-fold: fold {fold} stopped; run the same command again to go on (finished folds are skipped)",
-                  file=sys.stderr)
-            raise
-        record["runs"][str(fold)] = fold_result(run_dir, record["monitor"])
-        write_record(parent, record)
-    record["summary"] = summarize([record["runs"][str(fold)] for fold in range(args.folds)])
-    write_record(parent, record)
-    for key, stats in record["summary"].items():
-        print(f"k-fold: {key} {stats['mean']:.6g} ± {stats['sd']:.3g} (mean ± sd over {args.folds} folds)")
-    print(f"k-fold: results written to {parent / RESULTS}")
-    return 0
+        resume = str(run_dir) if candidates(run_dir) else None
+        return replace(self.request, resume=resume, run_dir=None if resume else str(run_dir),
+                       overrides=[*self.request.overrides, *fold_overrides(self.folds, fold)])
+
+    def finish(self, fold: int) -> None:
+        self.record["runs"][str(fold)] = fold_result(self.parent / f"fold_{fold}", self.record["monitor"])
+        write_record(self.parent, self.record)
+
+    def summarize(self) -> None:
+        self.record["summary"] = summarize([self.record["runs"][str(fold)] for fold in range(self.folds)])
+        write_record(self.parent, self.record)
+        for key, stats in self.record["summary"].items():
+            print(f"k-fold: {key} {stats['mean']:.6g} ± {stats['sd']:.3g} (mean ± sd over {self.folds} folds)")
+        print(f"k-fold: results written to {self.parent / RESULTS}")

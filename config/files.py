@@ -1,0 +1,138 @@
+"""Reading a config file (JSON or YAML) and applying `--set KEY=VALUE` overrides, within bounds.
+
+Every mistake is a `UserError` naming the file (line and column where known) and the key.
+"""
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from utils.errors import UserError
+from utils.suggest import suggest
+
+# Bounds on what a config may hold: a file larger, or nested deeper, or with more values (a YAML alias
+# counts each time it is used) is refused before anything reads it further.
+MAX_BYTES, MAX_DEPTH, MAX_VALUES = 1_000_000, 32, 10_000
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def load_file(path: str | Path) -> dict:
+    """Parse a .json/.yaml/.yml file into a dict; errors name the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        raise UserError(f"{path}: unsupported config format '{path.suffix}' (use .json, .yaml or .yml)")
+    try:
+        if path.stat().st_size > MAX_BYTES:
+            raise UserError(f"{path}: config file is larger than {MAX_BYTES:,} bytes")
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read config: {e}") from None
+    if not text.strip():
+        raise UserError(f"{path}: config file is empty")
+    try:
+        data = parse_json(text, path) if path.suffix == ".json" else parse_yaml(text, path)
+    except RecursionError:
+        raise UserError(f"{path}: nested more than {MAX_DEPTH} levels deep") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys to values, not {type(data).__name__}")
+    check_bounds(data, str(path))
+    return data
+
+
+def parse_json(text: str, path: Path) -> Any:
+    def unique_keys(pairs: list) -> dict:
+        keys = [key for key, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise UserError(f"{path}: key {shorten(key)!r} is given twice in one mapping")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                mark = key_node.start_mark
+                raise UserError(f"{self.name}:{mark.line + 1}:{mark.column + 1}: key {shorten(str(key))!r} "
+                                "is given twice in one mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, path: Path) -> Any:
+    loader = UniqueKeyLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    finally:
+        loader.dispose()
+
+
+def check_bounds(data: Any, where: str) -> None:
+    """Refuse a config nested deeper than MAX_DEPTH or holding more than MAX_VALUES values (a YAML alias
+    bomb expands to billions): checked without expanding it, before anything prints or copies it."""
+    count, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise UserError(f"{where}: the config holds more than {MAX_VALUES:,} values")
+        if depth > MAX_DEPTH:
+            raise UserError(f"{where}: nested more than {MAX_DEPTH} levels deep")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """A value quoted in an error message, cut to `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text):,} characters)"
+
+
+def parse_override(expr: str) -> tuple[list[str], Any]:
+    """`optimizer.args.lr=0.01` -> (['optimizer', 'args', 'lr'], 0.01); values are YAML scalars/lists."""
+    key, sep, raw = expr.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {shorten(expr)!r}: expected KEY=VALUE, e.g. trainer.epochs=3")
+    try:
+        value = parse_yaml(raw, f"--set {key}") if raw.strip() else ""
+    except RecursionError:
+        raise UserError(f"--set {key}: nested more than {MAX_DEPTH} levels deep") from None
+    check_bounds(value, f"--set {key}")
+    if isinstance(value, str) and NUMBER.fullmatch(raw.strip()):
+        value = float(raw)  # YAML 1.1 reads 1e-3 as a string; on a command line it means a number
+    return key.split("."), value
+
+
+def apply_override(config: dict, path: list[str], value: Any) -> None:
+    """Set one dotted key. It must exist already, except a new argument inside an `args` mapping."""
+    node = config
+    for depth, part in enumerate(path):
+        where = ".".join(path[: depth + 1])
+        last = depth == len(path) - 1
+        if not isinstance(node, dict):
+            raise UserError(f"--set {'.'.join(path)}: '{'.'.join(path[:depth])}' is not a mapping")
+        if part not in node and not (last and path[depth - 1 : depth] == ["args"]):
+            raise UserError(f"--set {'.'.join(path)}: unknown key '{where}'{suggest(part, node)}")
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+

@@ -1,0 +1,256 @@
+"""The checked config, and the one place that turns its `{type, args}` entries into objects.
+
+Reading a config has no side effects: nothing is created on disk until training starts.
+Every mistake is a `UserError` naming the file and the key path.
+"""
+
+import copy
+import functools
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from config import schema
+from config.files import apply_override, check_bounds, load_file, parse_override, shorten
+from config.resolve import check_built, resolve
+from utils.errors import UserError
+from utils.suggest import suggest
+
+
+def with_defaults(raw: dict, source: str, restricted: bool = False) -> dict:
+    """The file's config with every default filled in (the *resolved* config written to the run), the
+    trainer's from its class (`trainer.type`). Keys are checked afterwards, by ConfigParser."""
+    config = copy.deepcopy(raw)
+    schema.check_keys(config, schema.TOP_LEVEL, source)
+    for key, default in schema.TOP_LEVEL.items():
+        if key not in config:
+            if default is schema.REQUIRED:
+                raise UserError(f"{source}: missing required key '{key}'")
+            config[key] = copy.deepcopy(default)
+    if not isinstance(config["trainer"], dict):
+        raise UserError(f"{source}: trainer: expected a mapping, got {shorten(repr(config['trainer']))}")
+    trainer_type = config["trainer"].get("type", schema.TRAINER["type"])
+    defaults = resolve("trainer", str(trainer_type), f"{source}: trainer.type", restricted).DEFAULTS
+    config["trainer"] = {**copy.deepcopy(defaults), **config["trainer"]}
+    return config
+
+
+def is_named(spec: Any) -> bool:
+    """`{"generator": {type, args}, "discriminator": {type, args}}`: several named entries of one role."""
+    return (isinstance(spec, dict) and bool(spec) and not {"type", "args", "interval"} & spec.keys()
+            and all(isinstance(v, dict) for v in spec.values()))
+
+
+def specs_of(role: str, spec: Any) -> list[tuple[str, Any]]:
+    """(where, spec) of each entry of a role: one, or one per name."""
+    return [(f"{role}.{name}", entry) for name, entry in spec.items()] if is_named(spec) else [(role, spec)]
+
+
+class ConfigParser:
+    """A checked config and the one place that turns its `{type, args}` entries into objects."""
+
+    def __init__(self, config: dict, source: str = "<config>", restricted: bool = False):
+        """restricted: the config is someone else's data (read from a checkpoint): it may only name
+        what the project trusts (see `resolve`)."""
+        self.source, self.config, self.restricted = source, config, restricted
+        self.targets: dict[str, Callable] = {}  # "arch", "metrics[0]", ... -> what its `type` names
+        self._check()
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: list[str] = ()) -> "ConfigParser":
+        return cls.from_dict(load_file(path), str(path), overrides)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str, overrides: list[str] = (), restricted: bool = False) -> "ConfigParser":
+        if not isinstance(raw, dict):
+            raise UserError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
+        check_bounds(raw, source)
+        config = with_defaults(raw, source, restricted)
+        for expr in overrides:
+            apply_override(config, *parse_override(expr))
+        return cls(config, source, restricted)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.config[key]
+
+    def entries(self, role: str) -> list[tuple[str, Any]]:
+        """(name, spec) of each entry of `role`: ('model', spec) for a single one."""
+        spec = self.config[role]
+        return list(spec.items()) if is_named(spec) else [("model", spec)]
+
+    # ---- checking -------------------------------------------------------------------------------
+    def _check(self) -> None:
+        cfg, src = self.config, self.source
+        schema.check_keys(cfg, schema.TOP_LEVEL, src)
+        for key in ("name", "seed", "deterministic", "device", "metrics", "trainer"):
+            schema.check_type(cfg[key], schema.TOP_LEVEL[key], f"{src}: {key}")
+        if not cfg["name"] or "/" in cfg["name"]:
+            raise UserError(f"{src}: name: must be a non-empty name without '/', got {shorten(repr(cfg['name']))}")
+        self._check_trainer()
+        for role in ("arch", "data_loader", "optimizer", "loss", "lr_scheduler"):
+            for where, spec in specs_of(role, cfg[role]) if cfg[role] is not None else []:
+                self._check_spec(role, spec, where)
+        for i, spec in enumerate(cfg["metrics"]):
+            self._check_spec("metrics", spec, f"metrics[{i}]")
+        if len(set(self.metric_names())) != len(cfg["metrics"]):
+            raise UserError(f"{src}: metrics: a metric is listed twice: {self.metric_names()}")
+        self._check_names()
+        problem = schema.check_options(cfg["trainer"], self.logged_metric_names())
+        if problem:
+            raise UserError(f"{src}: trainer.{problem}")
+        for where, spec in specs_of("lr_scheduler", cfg["lr_scheduler"]) if cfg["lr_scheduler"] else []:
+            plateau = spec["type"].rpartition(".")[2] == "ReduceLROnPlateau"
+            if plateau and (cfg["trainer"]["monitor"] == "off" or spec.get("interval") == "step"):
+                raise UserError(f"{src}: {where}: ReduceLROnPlateau steps once per epoch on the monitored "
+                                "metric: set trainer.monitor and leave interval at 'epoch'")
+
+    def _check_trainer(self) -> None:
+        """The trainer class, then its keys (a subclass may add its own to DEFAULTS) and their kinds."""
+        options, src = self.config["trainer"], self.source
+        schema.check_type(options.get("type"), "", f"{src}: trainer.type")
+        trainer_class = resolve("trainer", options["type"], f"{src}: trainer.type", self.restricted)
+        self.targets["trainer"] = trainer_class
+        schema.check_keys(options, trainer_class.DEFAULTS, f"{src}: trainer")
+        for key, value in options.items():
+            schema.check_type(value, trainer_class.DEFAULTS[key], f"{src}: trainer.{key}")
+
+    def _check_names(self) -> None:
+        """Several models: each optimizer names a model, each scheduler an optimizer (a frozen model may
+        have none). One model: one optimizer and at most one scheduler."""
+        arch, optimizer, scheduler = (self.config[role] for role in ("arch", "optimizer", "lr_scheduler"))
+        pairs = [("optimizer", optimizer, "arch", arch)]
+        if scheduler is not None:
+            pairs.append(("lr_scheduler", scheduler, "optimizer", optimizer))
+        for role, spec, owner_role, owner in pairs:
+            if is_named(spec) != is_named(owner):
+                kind = "a mapping of named entries" if is_named(owner) else "one {type, args} entry"
+                raise UserError(f"{self.source}: {role}: {owner_role} is {kind}, so {role} must be too")
+            unknown = [name for name in spec if is_named(spec) and name not in owner]
+            if unknown:
+                raise UserError(f"{self.source}: {role}.{unknown[0]}: no {owner_role} of that name"
+                                f"{suggest(unknown[0], owner)}; {owner_role}: {', '.join(owner)}")
+
+    def _check_spec(self, role: str, spec: Any, where: str) -> None:
+        """A `{type, args}` mapping (or, for loss and metrics, just a name) whose args fit the callee."""
+        where = f"{self.source}: {where}"
+        if isinstance(spec, str) and role in ("loss", "metrics"):
+            spec = {"type": spec}
+        if not isinstance(spec, dict):
+            raise UserError(f"{where}: expected a mapping with 'type' and 'args', got {shorten(repr(spec))}")
+        allowed = ["type", "args"] + (["interval"] if role == "lr_scheduler" else [])
+        schema.check_keys(spec, allowed, where)
+        if not isinstance(spec.get("type"), str):
+            raise UserError(f"{where}.type: missing or not a string")
+        args = spec.get("args", {})
+        if not isinstance(args, dict):
+            raise UserError(f"{where}.args: expected a mapping, got {shorten(repr(args))}")
+        if role == "lr_scheduler" and spec.get("interval", "epoch") not in schema.SCHEDULER_INTERVALS:
+            raise UserError(f"{where}.interval: expected one of {schema.SCHEDULER_INTERVALS}, got {spec['interval']!r}")
+        target = resolve(role, spec["type"], f"{where}.type", self.restricted)
+        self.targets[where[len(self.source) + 2 :]] = target
+        injected = schema.INJECTED.get(role, set())
+        if role in ("loss", "metrics") and not inspect.isclass(target):
+            injected = set(list(schema.signature_params(target))[:2])  # (output, target) come from the trainer
+        schema.check_args(target, args, f"{where}.args", injected)
+        if role == "data_loader" and hasattr(target, "check_config"):  # names inside its args (transforms, ...)
+            target.check_config(args, f"{where}.args", self.restricted)
+
+    def metric_names(self) -> list[str]:
+        return [spec if isinstance(spec, str) else spec["type"].rpartition(".")[2] for spec in self.config["metrics"]]
+
+    def logged_metric_names(self) -> list[str]:
+        """Every name `monitor` may refer to: loss, metrics and what the trainer class and the loss say they
+        log (their LOGGED), in training and, if the data loader class says it has some, validation."""
+        extra = [*getattr(self.targets["trainer"], "LOGGED", ()), *getattr(self.targets["loss"], "LOGGED", ())]
+        names = ["loss", *extra, *self.metric_names()]
+        has_validation = self.targets["data_loader"].has_validation(self.config["data_loader"].get("args", {}))
+        return names + ([f"val_{n}" for n in names] if has_validation else [])
+
+    # ---- building -------------------------------------------------------------------------------
+    def build(self, role: str, *args: Any, **kwargs: Any) -> Any:
+        """`config[role]` as an object: its `type` called with its `args` and the given arguments. Several
+        named entries give a dict of objects by name; an argument that is a dict gives each its own."""
+        spec = self.config[role]
+        if not is_named(spec):
+            return self._call(role, spec, role, *args, **kwargs)
+        built = {}
+        for name, entry in spec.items():
+            own_args = [arg[name] if isinstance(arg, dict) else arg for arg in args]
+            built[name] = self._call(role, entry, f"{role}.{name}", *own_args, **kwargs)
+        return built
+
+    def build_named(self, role: str, *args: Any) -> dict[str, Any]:
+        """Every entry of `role` by name; a single entry is named 'model' (one or many is decided here, once)."""
+        if self.config[role] is None:
+            return {}
+        if is_named(self.config[role]):
+            return self.build(role, *args)
+        return {"model": self.build(role, *[arg["model"] if isinstance(arg, dict) else arg for arg in args])}
+
+    def build_data_loader(self, device: torch.device, test: bool = False) -> Any:
+        """The training data (its validation split with it) on `device`; `test`: the test split in order, every
+        sample once (of a k-fold run's checkpoint too: all the test data, not the fold's part of it)."""
+        if not test:
+            return self.build("data_loader", seed=self.config["seed"]).to(device)
+        folds = {"folds": 0} if "folds" in self.config["data_loader"].get("args", {}) else {}
+        loader = self.build("data_loader", training=False, shuffle=False, validation_split=0.0, **folds,
+                            seed=self.config["seed"]).to(device)
+        loader.drop_last = False  # every test sample counts, whatever the training config says
+        return loader
+
+    def build_trainer(self, device: torch.device, data_loader: Any, **extra: Any) -> Any:
+        """The trainer class the config names, with the models on `device`, the loss, metrics, optimizers and
+        schedulers by name, and `data_loader` with its validation split. A mistake stops here."""
+        models = {name: model.to(device) for name, model in self.build_named("arch").items()}
+        if self.config["trainer"]["channels_last"]:
+            models = {name: model.to(memory_format=torch.channels_last) for name, model in models.items()}
+        criterion = self.build_loss()
+        optimizers = self.build_named("optimizer", {name: model.parameters() for name, model in models.items()})
+        return self.targets["trainer"](
+            config=self, device=device, models=models, metric_fns=self.build_metrics(), optimizers=optimizers,
+            criterion=criterion.to(device) if isinstance(criterion, torch.nn.Module) else criterion,
+            lr_schedulers=self.build_named("lr_scheduler", optimizers), data_loader=data_loader,
+            valid_data_loader=data_loader.split_validation(), **extra)
+
+    def build_loss(self) -> Callable:
+        return self._callable("loss", self.config["loss"], "loss")
+
+    def build_metrics(self) -> dict[str, Callable]:
+        return {
+            name: self._callable("metrics", spec, f"metrics[{i}]")
+            for i, (name, spec) in enumerate(zip(self.metric_names(), self.config["metrics"]))
+        }
+
+    def _callable(self, role: str, spec: str | dict, where: str) -> Callable:
+        """A loss or metric: a class is instantiated with its args, a function gets them bound."""
+        spec = {"type": spec} if isinstance(spec, str) else spec
+        if inspect.isclass(self.targets[where]):
+            return self._call(role, spec, where)
+        target = self.targets[where]
+        return functools.partial(target, **spec.get("args", {})) if spec.get("args") else target
+
+    def _call(self, role: str, spec: dict, where: str, *args: Any, **kwargs: Any) -> Any:
+        target = self.targets[where]
+        try:
+            built = target(*args, **{**spec.get("args", {}), **kwargs})
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{self.source}: {where}: {spec['type']}: {e}") from None
+        except UserError as e:  # e.g. a data loader's missing files: say which config entry asked for them
+            raise UserError(f"{self.source}: {where}: {e}") from None
+        return check_built(role, built, spec["type"], f"{self.source}: {where}")
+
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable `key: old -> new` lines for every leaf that differs."""
+    lines = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, path = old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += diff_configs(a, b, f"{path}.")
+        elif a != b:
+            lines.append(f"{path}: {a!r} -> {b!r}")
+    return lines

@@ -1,0 +1,278 @@
+"""A run directory's whole life: found again (`-r auto`, `-r <run dir>`, `-r <file>`), what a resume restores
+and from which file, created once training really starts, locked while a process trains in it, its checkpoint
+files written and tidied. No other file decides anything about resuming.
+
+    <save_dir>/<name>/<YYYYmmdd-HHMMSS>[-N]/   config.json  train.log  metrics.csv  tensorboard/  run.lock
+                                               latest.pth  model_best.pth  checkpoint-epoch<N>.pth
+"""
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from config.parser import ConfigParser, diff_configs, is_named
+from logger import setup_logging
+from utils import checkpoint, dist
+from utils.cli import Request
+from utils.device import select_device
+from utils.errors import UserError
+from utils.seed import seed_everything
+
+log = logging.getLogger("train")
+LATEST, BEST, LOCK = "latest.pth", "model_best.pth", "run.lock"
+PERIODIC = re.compile(r"checkpoint-epoch(\d+)\.pth")  # not 'checkpoint-epoch1 (copy).pth'
+RUN_ID = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")  # <YYYYmmdd-HHMMSS>[-N], as new runs are named
+
+
+@dataclass
+class Run:
+    """One run as a script sees it: the checked config on a started process, what it resumes from, and (once
+    `start` made or claimed it) its directory, which a trainer writes its checkpoints into with `save`."""
+
+    config: ConfigParser
+    device: torch.device
+    dir: Path | None = None  # a resumed run's or a fold's directory; a new run's once `start` made it
+    resumed_from: Path | None = None  # the checkpoint file, and its state
+    state: dict | None = None
+    changes: list[str] = field(default_factory=list)  # config keys changed since that checkpoint
+    lock: Any = None  # held by rank 0 while this process trains in `dir`
+
+    @property
+    def latest(self) -> Path:
+        return self.dir / LATEST
+
+    def restore(self, trainer) -> str | None:
+        """Load the checkpoint's run state into `trainer`; why the run has nothing left to do, or None."""
+        missing = [key for key in ("optimizer", "rng", "epoch", "global_step") if key not in self.state]
+        if missing:
+            raise UserError(f"{self.resumed_from}: holds model weights but no run state to resume ({', '.join(missing)}"
+                            "; a converted or exported checkpoint?): use -c CONFIG --finetune it, or test.py -r")
+        try:
+            trainer.load_state_dict(self.state)
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
+            raise UserError(f"{self.resumed_from}: does not fit this run: {str(e).strip().splitlines()[0][:200]}") \
+                from None
+        saved = self.state["config"]["optimizer"]
+        for name, spec in self.config.entries("optimizer"):
+            apply_optimizer_changes(trainer.optimizers[name], saved.get(name, {}) if is_named(saved) else saved, spec)
+        return self.finished(trainer)
+
+    def finished(self, trainer) -> str | None:
+        """Why a resumed run has nothing left to do (all epochs trained, or early-stopped), or None."""
+        if trainer.epoch >= trainer.epochs:
+            return f"all {trainer.epochs} epochs are trained"
+        patience = self.config["trainer"]["early_stop"]
+        if patience and trainer.not_improved_count >= patience and \
+                trainer.epochs <= self.state["config"]["trainer"]["epochs"]:
+            return f"it early-stopped ('{trainer.monitor_key}' did not improve for {patience} epochs)"
+        return None
+
+    def start(self) -> None:
+        """Training really starts: make the directory (a new run's), lock it, tidy it, write the resolved
+        config and open train.log. Called after the first batches passed, so a mistake leaves no folder."""
+        self.dir = self.dir or new_run_dir(self.config)
+        error = None
+        if dist.is_main():
+            try:
+                self.lock = lock_run(self.dir)
+            except UserError as e:
+                error = e
+        if dist.broadcast_flag(error is not None, self.device):
+            raise error or UserError(f"{self.dir}: in use by another process ({LOCK})")
+        if dist.is_main():
+            for tmp in self.dir.glob(f".*{checkpoint.TMP_MARK}*"):  # what a killed process left half-written
+                tmp.unlink(missing_ok=True)
+            checkpoint.save_atomic((json.dumps(self.config.config, indent=2) + "\n").encode(),
+                                   self.dir / "config.json", "config")
+        setup_logging(self.dir / "train.log", self.config["trainer"]["verbosity"], dist.rank())
+        if self.state and dist.is_main():
+            self.repair_best()
+
+    def repair_best(self) -> None:
+        """A kill between the files of one save (by an older version, or a file removed by hand) can leave
+        model_best.pth behind the best that the checkpoint records; when that best is the checkpoint's own
+        epoch-end state, write it again."""
+        state = self.state
+        if state["not_improved_count"] or state["batch_in_epoch"] or not math.isfinite(state["monitor_best"]):
+            return
+        try:
+            if (self.dir / BEST).exists() and checkpoint.load(self.dir / BEST)["monitor_best"] == state["monitor_best"]:
+                return
+        except UserError:
+            pass  # damaged: rewritten below
+        checkpoint.save_atomic(self.resumed_from.read_bytes(), self.dir / BEST)
+        log.warning("%s was behind %s: written again from it", BEST, self.resumed_from.name)
+
+    def save(self, state: dict, epoch: int | None = None, improved: bool = False) -> None:
+        """Write `state` (rank 0): at an epoch's end (`epoch`) model_best.pth if `improved` and the periodic
+        file first, latest.pth last, so that a kill between two files leaves latest.pth at the previous epoch,
+        which a resume trains again; mid-epoch, latest.pth alone. Then keep_last tidies the periodic files."""
+        options = self.config["trainer"]
+        names = [BEST] if improved else []
+        if epoch and options["save_period"] and epoch % options["save_period"] == 0:
+            names.append(f"checkpoint-epoch{epoch}.pth")
+        data = checkpoint.serialize(state)
+        for name in [*names, LATEST]:
+            checkpoint.save_atomic(data, self.dir / name)
+        if epoch and options["keep_last"]:
+            numbered = {int(m[1]): p for p in self.dir.glob("*.pth") if (m := PERIODIC.fullmatch(p.name))}
+            for old in sorted(numbered)[: -options["keep_last"]]:
+                numbered[old].unlink(missing_ok=True)
+        log.debug("Saved %s at epoch %d, step %d", ", ".join([*names, LATEST]), state["epoch"], state["global_step"])
+
+    def kept(self) -> str:
+        """What an error that stops the run leaves to resume from."""
+        if self.dir and self.latest.exists():
+            return f"the last good checkpoint in {self.dir} is kept"
+        return "no checkpoint was written yet"
+
+
+def open_run(request: Request) -> Run:
+    """The run train.py (and lr_find.py) asks for: its config (the user's file, else the checkpoint's as data)
+    and the checkpoint it resumes from, on a started process."""
+    config = load_config(request) if request.resume in (None, "auto") else None
+    path, state, folder = find_resume(request, config) if request.resume else (None, None, None)
+    config = config or load_config(request, path, state)
+    if state and config["arch"] != state["config"]["arch"]:
+        raise UserError(f"{config.source}: arch differs from the checkpoint's ({state['config']['arch']}): "
+                        "a resume keeps the architecture; use --finetune to start a new run from its weights")
+    return Run(config, start_process(config, request), folder or (Path(request.run_dir) if request.run_dir else None),
+               path, state, diff_configs(state["config"], config.config) if state else [])
+
+
+def open_checkpoint(request: Request) -> Run:
+    """test.py, predict.py and export.py: the checkpoint file of -r and its config, to evaluate (never trained)."""
+    path = Path(request.resume)
+    state = checkpoint.load(path)
+    config = load_config(request, path, state)
+    return Run(config, start_process(config, request), None, path, state)
+
+
+def start_process(config: ConfigParser, request: Request) -> torch.device:
+    """Choose the device, join torchrun's process group (if launched by it) and seed every generator."""
+    device = select_device(config["device"], "--device" if request.device_flag else f"{config.source}: device")
+    if dist.launched_by_torchrun():
+        dist.init(device)
+    seed_everything(config["seed"], config["deterministic"])
+    return device
+
+
+def apply_optimizer_changes(optimizer: torch.optim.Optimizer, old: dict, new: dict) -> None:
+    """The restored optimizer state holds the checkpoint's hyper-parameters; a resume that changes one
+    (`--lr 1e-4`) means the new value. Schedulers then continue from it."""
+    for key, value in new.get("args", {}).items():
+        if old.get("args", {}).get(key) != value and key in optimizer.param_groups[0]:
+            for group in optimizer.param_groups:
+                group[key] = value
+
+
+def load_config(request: Request, path: Path | None = None, state: dict | None = None) -> ConfigParser:
+    """The config of `-c` (the user's own code), else the one stored in the checkpoint: someone else's data,
+    which may only name what the project trusts unless --trust-config. The command line wins."""
+    if request.config_file:
+        return ConfigParser.from_file(request.config_file, request.overrides)
+    return ConfigParser.from_dict(state["config"], f"{path} (its config)", request.overrides,
+                                  restricted=not request.trust_config)
+
+
+def find_resume(request: Request, config: ConfigParser | None) -> tuple[Path | None, dict | None, Path | None]:
+    """(checkpoint, its state, the run directory to continue in) of -r: a file, a run directory's newest
+    checkpoint that loads, or with 'auto' the newest run of the final config's name and save_dir. 'auto' with
+    no checkpoint yet starts the run (again, in the folder of an attempt that never saved)."""
+    if request.resume == "auto":
+        run = newest_run(Path(config["trainer"]["save_dir"]), config["name"])
+        if run is None or not candidates(run):
+            return None, None, run
+        path, state = load_newest(run)
+    else:
+        path = Path(request.resume)
+        path, state = load_newest(path) if path.is_dir() else (path, checkpoint.load(path))
+    return path, state, path.parent if is_run_dir(path.parent) else None
+
+
+def new_run_dir(config: ConfigParser) -> Path:
+    """saved/<name>/<YYYYmmdd-HHMMSS>[-N]/, made by rank 0 and shared with the others."""
+    run_dir = None
+    if dist.is_main():
+        base = Path(config["trainer"]["save_dir"]) / config["name"]
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir, n = base / stamp, 1
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            while True:
+                try:
+                    run_dir.mkdir()
+                    break
+                except FileExistsError:
+                    n += 1
+                    run_dir = base / f"{stamp}-{n}"
+        except OSError as e:
+            raise UserError(f"{config.source}: trainer.save_dir: cannot create a run directory in {base}: "
+                            f"{e.strerror}") from None
+    if dist.is_distributed():
+        shared = [run_dir]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        run_dir = shared[0]
+    return Path(run_dir)
+
+
+def candidates(run_dir: Path) -> list[Path]:
+    """Resumable checkpoints of a run, newest first (model_best is a copy of an older state)."""
+    files = [p for p in Path(run_dir).glob("*.pth") if p.name != BEST]
+    # file times are coarse: on a tie, latest.pth (written by mid-epoch saves too) is the newer state
+    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == LATEST), reverse=True)
+
+
+def load_newest(run_dir: Path) -> tuple[Path, dict]:
+    """The newest checkpoint in `run_dir` that loads; a damaged one falls back to the one before."""
+    files = candidates(run_dir)
+    if not files:
+        raise UserError(f"{run_dir}: no checkpoint (*.pth) to resume from")
+    for path in files:
+        try:
+            return path, checkpoint.load(path)
+        except UserError as e:
+            log.warning("skipping %s", e)
+    raise UserError(f"{run_dir}: none of its {len(files)} checkpoints loads")
+
+
+def newest_run(save_dir: Path, name: str) -> Path | None:
+    """The run of config `name` started last (`-r auto`), by its id: not by folder times, which any file
+    written into an old run (a test result) would change. None when there is none."""
+    runs = [(m[1], int(m[2] or 1), p) for p in (Path(save_dir) / name).glob("*")
+            if p.is_dir() and (m := RUN_ID.fullmatch(p.name))]
+    return max(runs)[2] if runs else None
+
+
+def is_run_dir(folder: Path) -> bool:
+    """A run directory made by train.py (a resume continues there); a lone checkpoint elsewhere is not in one."""
+    return (folder / "config.json").is_file() and (folder / "train.log").is_file()
+
+
+def lock_run(run_dir: Path):
+    """Hold `run_dir/run.lock` while this process trains there: a second process gets one line naming the
+    holder. The operating system drops the lock when its process dies, so a killed run never blocks the next."""
+    import fcntl
+    import os
+    import socket
+
+    lock = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{run_dir}: in use by {holder} ({LOCK}); wait for it to end or stop it") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
