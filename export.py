@@ -3,10 +3,9 @@
     python export.py -r saved/mnist/<run_id>/model_best.pth --format onnx       # model_best.onnx
     python export.py -r saved/mnist/<run_id>/model_best.pth --format exported   # model_best.pt2
 
-The input shape is that of a batch of the data loader's test split (the batch size stays free). The file
-is written to a temporary name, loaded back and run on that batch and on its first sample; it replaces
--o only when its outputs match the model's within 1e-4. ONNX needs requirements-export.txt.
-"""
+The input shape is that of a batch of the data loader's test split (the batch size stays free). The file is
+written to a temporary name, loaded back and run on that batch and on its first sample; it replaces -o only
+when its outputs match the model's within 1e-4. ONNX needs requirements-export.txt."""
 
 import os
 import warnings
@@ -69,8 +68,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run, model = load_model(args)
     config, device = run.config, run.device
-    loader = config.build_data_loader(device, test=True)
-    batch = next(iter(loader), None)
+    batch = next(iter(config.build_data_loader(device, test=True)), None)
     if batch is None:
         raise UserError(f"{args.resume}: its test split is empty: no sample batch to trace the model with")
     sample = data_and_target(batch, "export.py")[0].to(device)
@@ -87,11 +85,11 @@ def main(argv=None) -> int:
     try:
         with torch.no_grad():
             try:
-                run = write(model, sample, tmp)
+                exported = write(model, sample, tmp)
             except (RuntimeError, ValueError, TypeError, OSError) as e:  # an untraceable model, an unwritable -o
                 raise TrainingError(f"{args.format}: cannot export {config['arch']['type']}: "
                                     f"{str(e).strip().splitlines()[0][:200]}") from None
-            error = max((run(x).to(device) - model(x)).abs().max().item() for x in (sample, sample[:1]))
+            error = max((exported(x).to(device) - model(x)).abs().max().item() for x in (sample, sample[:1]))
         if error > TOLERANCE:
             raise TrainingError(f"{args.format}: outputs differ from the model's by {error:.3g} (> {TOLERANCE}); "
                                 f"{out} not written")

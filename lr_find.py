@@ -3,16 +3,16 @@
     python lr_find.py -c configs/mnist.json                          # 100 steps from 1e-7 to 10
     python lr_find.py -c configs/mnist.json --steps 200 --end 1 --out lr_find/
 
-The config's model, loss, optimizer and data train as in train.py (the trainer's own step: AMP, clipping,
-a custom train_step); its lr_scheduler is left out, the ramp sets the learning rate. The run stops when the
-smoothed loss passes 4x its minimum. The suggestion is the learning rate where the smoothed loss falls
-fastest against log(lr) (fastai's "steep" point, as Lightning's suggestion): a starting point, usually a
-little below the loss's minimum. Nothing is saved and no run directory is made; the curve goes to --out
-(lr_find.csv and TensorBoard), by default a new temporary folder.
+The config's model, loss, optimizer and data train as in train.py (the trainer's own step: AMP, clipping, a
+custom train_step); the ramp sets the learning rate instead of the lr_scheduler, and stops when the smoothed
+loss passes 4x its minimum. The suggestion is where the smoothed loss falls fastest against log(lr) (fastai's
+"steep" point, as Lightning's): a starting point, usually a little below the loss's minimum. Nothing is saved,
+no run directory is made; the curve goes to --out (lr_find.csv, TensorBoard), by default a temporary folder.
 """
 
 import csv
 import io
+import itertools
 import math
 import tempfile
 from pathlib import Path
@@ -47,16 +47,11 @@ def parse_args(argv=None):
 
 def endless_batches(loader):
     """Epoch after epoch of the training data, in the seeded order of each."""
-    epoch = 1
-    while True:
+    if len(loader) == 0:
+        raise UserError("the training data is empty: no batch for the range test")
+    for epoch in itertools.count(1):
         loader.set_epoch(epoch)
-        empty = True
-        for batch in loader.batches():
-            empty = False
-            yield batch
-        if empty:
-            raise UserError("the training data is empty: no batch for the range test")
-        epoch += 1
+        yield from loader.batches()
 
 
 def ramp(trainer, steps: int, start: float, end: float) -> list[tuple[float, float, float]]:

@@ -4,8 +4,7 @@
 
 Copied: the code, configs, tests, CI script and the bundled data/mnist_small. Left out: saved
 runs (saved/ keeps its .gitkeep), caches, other data (downloads, extracted files) and .git.
-Then replace the MNIST example with your own data loader, model, loss and metrics.
-"""
+Then replace the MNIST example with your own data loader, model, loss and metrics."""
 
 import shutil
 from pathlib import Path
@@ -40,8 +39,7 @@ def copy_project(source: Path, target: Path) -> None:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"{target}: already exists and is not an empty folder; choose a new path")
     try:
-        shutil.copytree(source, target, ignore=lambda folder, names: ignored(source, folder, names),
-                        dirs_exist_ok=True)
+        shutil.copytree(source, target, ignore=lambda folder, names: ignored(source, folder, names), dirs_exist_ok=True)
     except (OSError, shutil.Error) as e:
         raise UserError(f"{target}: cannot copy the project: {e}") from None
 

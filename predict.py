@@ -46,7 +46,7 @@ def batches(args, config, device: torch.device) -> tuple[list, Iterator]:
     the data loader's `image_reader` says, else the loader's test split (names: sample indices)."""
     loader_args = config["data_loader"].get("args", {})
     if args.inputs:
-        reader = getattr(config.targets["data_loader"], "image_reader", None)
+        reader = getattr(config.callables["data_loader"], "image_reader", None)
         if reader is None:
             raise UserError(f"{config['data_loader']['type']} has no image_reader: give no inputs to predict "
                             "on its test split, or add one (data_loader/data_loaders.py)")

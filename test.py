@@ -7,7 +7,6 @@ results are printed and written next to the checkpoint as <checkpoint>-test.json
 process evaluates its share of the test set and rank 0 reports the totals.
 """
 
-import argparse
 import json
 
 import torch
@@ -19,7 +18,7 @@ from utils import checkpoint, dist
 from utils.cli import ArgumentParser, add_common_arguments, request_of, run_main
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-r", "--resume", required=True, help="checkpoint file to evaluate")
     add_common_arguments(parser)

@@ -6,9 +6,7 @@
     python train.py -c configs/mnist.json --folds 5  # k-fold cross-validation (again: skips finished folds)
     torchrun --nproc_per_node=2 train.py -c configs/mnist.json   # DistributedDataParallel
 
-The path of a run: the command line becomes a Request (utils/cli.py); runs/run.py turns it into a Run (the
-checked config, what it resumes from, the started process); the config builds the trainer (config/parser.py);
-the run restores it and, once its first batches passed, starts (directory, lock, logs); the trainer trains.
+A run's path: a Request (utils/cli.py) -> a Run (runs/run.py) -> its trainer (config/parser.py) -> train.
 """
 
 import gc
@@ -57,9 +55,9 @@ def main(argv=None) -> int:
     if not folds:
         return train(request)
     kfold = KFold(request, folds)
-    for fold in kfold.unfinished():
+    for fold, fold_request in kfold.unfinished():
         try:
-            train(kfold.fold_request(fold))
+            train(fold_request)
         except BaseException:
             print(f"k-fold: fold {fold} stopped; run the same command again to go on (finished folds are skipped)",
                   file=sys.stderr)
@@ -85,7 +83,7 @@ def train(request: Request) -> int:
     log_start(trainer, run, request)
     # Start-up's objects (torch's modules, the config, models, data) live as long as the run: frozen out of the
     # garbage collector's sight, a full collection during training scans only what training made (not the
-    # hundreds of thousands of objects torch's import made; benchmarks/README.md).
+    # hundreds of thousands of objects torch's import made; README: Performance).
     gc.freeze()
     trainer.train()
     log.info("Done. Checkpoints and logs: %s", run.dir)

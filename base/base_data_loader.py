@@ -2,8 +2,7 @@
 
 The order of an epoch is a pure function of (seed, epoch), so a resumed run sees the same batches
 as an uninterrupted one, and a mid-epoch resume skips the batches already trained without loading
-them. Under torchrun each rank takes every world_size-th sample of that order.
-"""
+them. Under torchrun each rank takes every world_size-th sample of that order."""
 
 import copy
 import gc
@@ -31,9 +30,8 @@ class _IndexSampler(Sampler):
 
 
 def start_workers(loader: DataLoader) -> Iterator:
-    """iter(loader) with this process's objects frozen for the garbage collector while the workers fork:
-    their collections then skip everything inherited from the trainer (no traversal, no copy-on-write of
-    its pages), which cut the workers' CPU time by 10% in benchmarks/bench_imagefolder.py."""
+    """iter(loader) with this process's objects frozen for the garbage collector while the workers fork: their
+    collections skip all the trainer's objects (no traversal, no copy-on-write; benchmarks/bench_imagefolder.py)."""
     if gc.get_freeze_count():  # someone froze objects on purpose: leave that alone
         return iter(loader)
     gc.freeze()
@@ -49,26 +47,12 @@ class BaseDataLoader:
 
     validation_split: a fraction (0 < x < 1) or a count of training samples held out for validation.
     folds, fold: k-fold cross-validation (`train.py --folds K` sets them): validation is part `fold` of
-    `folds` near-equal parts of a seeded order, training the rest; instead of validation_split.
-    """
+    `folds` near-equal parts of a seeded order, training the rest; instead of validation_split."""
 
-    def __init__(
-        self,
-        dataset: Dataset,
-        *,
-        batch_size: int,
-        shuffle: bool = True,
-        validation_split: float = 0.0,
-        num_workers: int = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = False,
-        prefetch_factor: int = 2,
-        drop_last: bool = False,
-        seed: int = 0,
-        indices: torch.Tensor | None = None,
-        folds: int = 0,
-        fold: int = 0,
-    ):
+    def __init__(self, dataset: Dataset, *, batch_size: int, shuffle: bool = True, validation_split: float = 0.0,
+                 num_workers: int = 0, pin_memory: bool = True, persistent_workers: bool = False,
+                 prefetch_factor: int = 2, drop_last: bool = False, seed: int = 0,
+                 indices: torch.Tensor | None = None, folds: int = 0, fold: int = 0):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -95,14 +79,11 @@ class BaseDataLoader:
         n = len(self.indices)
         if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)):
             raise ValueError(f"validation_split must be a fraction or a count, got {validation_split!r}")
-        if isinstance(validation_split, int):
-            n_valid = validation_split
-            if not 0 <= n_valid < n:
-                raise ValueError(f"validation_split {n_valid} must be a count in [0, {n}) (the dataset size)")
-        else:
-            if not 0.0 <= validation_split < 1.0:
-                raise ValueError(f"validation_split {validation_split} must be a fraction in [0, 1)")
-            n_valid = int(n * validation_split)
+        if isinstance(validation_split, int) and not 0 <= validation_split < n:
+            raise ValueError(f"validation_split {validation_split} must be a count in [0, {n}) (the dataset size)")
+        if isinstance(validation_split, float) and not 0.0 <= validation_split < 1.0:
+            raise ValueError(f"validation_split {validation_split} must be a fraction in [0, 1)")
+        n_valid = validation_split if isinstance(validation_split, int) else int(n * validation_split)
         if n_valid == 0:
             return None
         order = self._seeded_order()

@@ -62,7 +62,7 @@ class BaseTrainer:
         self.models, self.optimizers, self.lr_schedulers = models, optimizers, lr_schedulers
         self.model = one_or_named(models, torch.nn.ModuleDict)  # what is saved as "model"
         self.optimizer, self.lr_scheduler = optimizers.get("model"), lr_schedulers.get("model")  # of one model
-        specs = dict(config.entries("lr_scheduler")) if config["lr_scheduler"] else {}
+        specs = config.entries("lr_scheduler")
         self.scheduler_intervals = {name: specs[name].get("interval", "epoch") for name in lr_schedulers}
         self.criterion, self.metric_fns = criterion, metric_fns
         self.epochs, self.log_step = self.options["epochs"], self.options["log_step"]
@@ -87,13 +87,10 @@ class BaseTrainer:
     def state_dict(self) -> dict:
         return {
             "version": checkpoint.VERSION,
-            "arch": ", ".join(spec["type"] for _, spec in self.config.entries("arch")),
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "global_step": self.global_step,
+            "arch": ", ".join(spec["type"] for spec in self.config.entries("arch").values()),
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
             **{key: None if obj is None else obj.state_dict() for key, obj in self.stateful().items()},
-            "monitor_best": self.monitor_best,
-            "not_improved_count": self.not_improved_count,
+            "monitor_best": self.monitor_best, "not_improved_count": self.not_improved_count,
             "rng": dist.gather_objects(checkpoint.rng_state()),  # one entry per rank
             "config": self.config.config,
         }
@@ -138,7 +135,7 @@ class BaseTrainer:
                              self.not_improved_count)
                     break
                 if epoch < self.epochs and dist.any_flag(self._signal is not None, self.device):
-                    # the signal came during validation or saving: latest.pth holds this epoch's end
+                    # the signal came during validation or saving: the latest checkpoint holds this epoch's end
                     raise Interrupted(self._signal or signal.SIGTERM, self.run.latest)
             self.writer.hparams(self.config.config, result)
         finally:
@@ -177,16 +174,10 @@ class BaseTrainer:
             return self._signal is not None
         return self.global_step % self.log_step == 0 and dist.any_flag(self._signal is not None, self.device)
 
-    def _stop_now(self) -> None:
-        """Save where we are (mid-epoch) and leave with an exit code that says which signal."""
-        self._save()
-        raise Interrupted(self._signal or signal.SIGTERM, self.run.latest)
-
     def learning_rates(self) -> dict[str, float]:
-        """{'lr': ...} for one optimizer, {'lr_<name>': ...} for several (their first parameter group's)."""
-        if len(self.optimizers) == 1:
-            return {"lr": next(iter(self.optimizers.values())).param_groups[0]["lr"]}
-        return {f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+        """Each optimizer's (first parameter group's) lr: 'lr' for the one model's, 'lr_<name>' for several."""
+        return {"lr" if name == "model" else f"lr_{name}": opt.param_groups[0]["lr"]
+                for name, opt in self.optimizers.items()}
 
     def _step_schedulers_on_epoch(self, result: dict) -> None:
         """Epoch schedulers step once an epoch; ReduceLROnPlateau with the monitored value, when there is one."""
@@ -220,7 +211,7 @@ class BaseTrainer:
     def _save_epoch(self, epoch: int, improved: bool) -> None:
         if not self._weights_finite():  # a finite loss can still come with NaN/Inf gradients
             raise TrainingError(f"model weights are NaN or Inf after epoch {epoch}: not saved, stopping; "
-                                f"{self.run.kept()} (lower the learning rate or clip gradients)")
+                                f"{self.run.left_to_resume()} (lower the learning rate or clip gradients)")
         if improved:
             log.info("New best %s = %.6g", self.monitor_key, self.monitor_best)
         self._save(epoch, improved)

@@ -44,9 +44,12 @@ def is_named(spec: Any) -> bool:
             and all(isinstance(v, dict) for v in spec.values()))
 
 
-def specs_of(role: str, spec: Any) -> list[tuple[str, Any]]:
-    """(where, spec) of each entry of a role: one, or one per name."""
-    return [(f"{role}.{name}", entry) for name, entry in spec.items()] if is_named(spec) else [(role, spec)]
+def entries_of(role: str, spec: Any) -> dict[str, tuple[str, Any]]:
+    """Each entry of a role by name, with where the config has it: a single entry is named 'model' (at
+    `role`), several are named by their keys (at `role.name`). The one place that decides one or many."""
+    if spec is None:
+        return {}
+    return {n: (f"{role}.{n}", entry) for n, entry in spec.items()} if is_named(spec) else {"model": (role, spec)}
 
 
 class ConfigParser:
@@ -56,7 +59,7 @@ class ConfigParser:
         """restricted: the config is someone else's data (read from a checkpoint): it may only name
         what the project trusts (see `resolve`)."""
         self.source, self.config, self.restricted = source, config, restricted
-        self.targets: dict[str, Callable] = {}  # "arch", "metrics[0]", ... -> what its `type` names
+        self.callables: dict[str, Callable] = {}  # "arch", "metrics[0]", ...: the callable its `type` names
         self._check()
 
     @classmethod
@@ -76,22 +79,20 @@ class ConfigParser:
     def __getitem__(self, key: str) -> Any:
         return self.config[key]
 
-    def entries(self, role: str) -> list[tuple[str, Any]]:
-        """(name, spec) of each entry of `role`: ('model', spec) for a single one."""
-        spec = self.config[role]
-        return list(spec.items()) if is_named(spec) else [("model", spec)]
+    def entries(self, role: str) -> dict[str, Any]:
+        """The spec of each entry of `role` by name ('model' for a single one)."""
+        return {name: spec for name, (_, spec) in entries_of(role, self.config[role]).items()}
 
     # ---- checking -------------------------------------------------------------------------------
     def _check(self) -> None:
         cfg, src = self.config, self.source
-        schema.check_keys(cfg, schema.TOP_LEVEL, src)
         for key in ("name", "seed", "deterministic", "device", "metrics", "trainer"):
             schema.check_type(cfg[key], schema.TOP_LEVEL[key], f"{src}: {key}")
         if not cfg["name"] or "/" in cfg["name"]:
             raise UserError(f"{src}: name: must be a non-empty name without '/', got {shorten(repr(cfg['name']))}")
         self._check_trainer()
         for role in ("arch", "data_loader", "optimizer", "loss", "lr_scheduler"):
-            for where, spec in specs_of(role, cfg[role]) if cfg[role] is not None else []:
+            for where, spec in entries_of(role, cfg[role]).values():
                 self._check_spec(role, spec, where)
         for i, spec in enumerate(cfg["metrics"]):
             self._check_spec("metrics", spec, f"metrics[{i}]")
@@ -101,7 +102,7 @@ class ConfigParser:
         problem = schema.check_options(cfg["trainer"], self.logged_metric_names())
         if problem:
             raise UserError(f"{src}: trainer.{problem}")
-        for where, spec in specs_of("lr_scheduler", cfg["lr_scheduler"]) if cfg["lr_scheduler"] else []:
+        for where, spec in entries_of("lr_scheduler", cfg["lr_scheduler"]).values():
             plateau = spec["type"].rpartition(".")[2] == "ReduceLROnPlateau"
             if plateau and (cfg["trainer"]["monitor"] == "off" or spec.get("interval") == "step"):
                 raise UserError(f"{src}: {where}: ReduceLROnPlateau steps once per epoch on the monitored "
@@ -112,7 +113,7 @@ class ConfigParser:
         options, src = self.config["trainer"], self.source
         schema.check_type(options.get("type"), "", f"{src}: trainer.type")
         trainer_class = resolve("trainer", options["type"], f"{src}: trainer.type", self.restricted)
-        self.targets["trainer"] = trainer_class
+        self.callables["trainer"] = trainer_class
         schema.check_keys(options, trainer_class.DEFAULTS, f"{src}: trainer")
         for key, value in options.items():
             schema.check_type(value, trainer_class.DEFAULTS[key], f"{src}: trainer.{key}")
@@ -150,7 +151,7 @@ class ConfigParser:
         if role == "lr_scheduler" and spec.get("interval", "epoch") not in schema.SCHEDULER_INTERVALS:
             raise UserError(f"{where}.interval: expected one of {schema.SCHEDULER_INTERVALS}, got {spec['interval']!r}")
         target = resolve(role, spec["type"], f"{where}.type", self.restricted)
-        self.targets[where[len(self.source) + 2 :]] = target
+        self.callables[where[len(self.source) + 2 :]] = target
         injected = schema.INJECTED.get(role, set())
         if role in ("loss", "metrics") and not inspect.isclass(target):
             injected = set(list(schema.signature_params(target))[:2])  # (output, target) come from the trainer
@@ -164,31 +165,22 @@ class ConfigParser:
     def logged_metric_names(self) -> list[str]:
         """Every name `monitor` may refer to: loss, metrics and what the trainer class and the loss say they
         log (their LOGGED), in training and, if the data loader class says it has some, validation."""
-        extra = [*getattr(self.targets["trainer"], "LOGGED", ()), *getattr(self.targets["loss"], "LOGGED", ())]
+        extra = [*getattr(self.callables["trainer"], "LOGGED", ()), *getattr(self.callables["loss"], "LOGGED", ())]
         names = ["loss", *extra, *self.metric_names()]
-        has_validation = self.targets["data_loader"].has_validation(self.config["data_loader"].get("args", {}))
+        has_validation = self.callables["data_loader"].has_validation(self.config["data_loader"].get("args", {}))
         return names + ([f"val_{n}" for n in names] if has_validation else [])
 
     # ---- building -------------------------------------------------------------------------------
-    def build(self, role: str, *args: Any, **kwargs: Any) -> Any:
-        """`config[role]` as an object: its `type` called with its `args` and the given arguments. Several
-        named entries give a dict of objects by name; an argument that is a dict gives each its own."""
-        spec = self.config[role]
-        if not is_named(spec):
-            return self._call(role, spec, role, *args, **kwargs)
-        built = {}
-        for name, entry in spec.items():
-            own_args = [arg[name] if isinstance(arg, dict) else arg for arg in args]
-            built[name] = self._call(role, entry, f"{role}.{name}", *own_args, **kwargs)
-        return built
+    def build_named(self, role: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Every entry of `role` as an object, by name: its `type` called with its `args` and the given
+        arguments; an argument that is a dict by name gives each entry its own."""
+        return {name: self._call(role, spec, where, *[a[name] if isinstance(a, dict) else a for a in args], **kwargs)
+                for name, (where, spec) in entries_of(role, self.config[role]).items()}
 
-    def build_named(self, role: str, *args: Any) -> dict[str, Any]:
-        """Every entry of `role` by name; a single entry is named 'model' (one or many is decided here, once)."""
-        if self.config[role] is None:
-            return {}
-        if is_named(self.config[role]):
-            return self.build(role, *args)
-        return {"model": self.build(role, *[arg["model"] if isinstance(arg, dict) else arg for arg in args])}
+    def build(self, role: str, *args: Any, **kwargs: Any) -> Any:
+        """`build_named`, but a single entry as itself."""
+        built = self.build_named(role, *args, **kwargs)
+        return built if is_named(self.config[role]) else built.get("model")
 
     def build_data_loader(self, device: torch.device, test: bool = False) -> Any:
         """The training data (its validation split with it) on `device`; `test`: the test split in order, every
@@ -209,7 +201,7 @@ class ConfigParser:
             models = {name: model.to(memory_format=torch.channels_last) for name, model in models.items()}
         criterion = self.build_loss()
         optimizers = self.build_named("optimizer", {name: model.parameters() for name, model in models.items()})
-        return self.targets["trainer"](
+        return self.callables["trainer"](
             config=self, device=device, models=models, metric_fns=self.build_metrics(), optimizers=optimizers,
             criterion=criterion.to(device) if isinstance(criterion, torch.nn.Module) else criterion,
             lr_schedulers=self.build_named("lr_scheduler", optimizers), data_loader=data_loader,
@@ -219,21 +211,19 @@ class ConfigParser:
         return self._callable("loss", self.config["loss"], "loss")
 
     def build_metrics(self) -> dict[str, Callable]:
-        return {
-            name: self._callable("metrics", spec, f"metrics[{i}]")
-            for i, (name, spec) in enumerate(zip(self.metric_names(), self.config["metrics"]))
-        }
+        return {name: self._callable("metrics", spec, f"metrics[{i}]")
+                for i, (name, spec) in enumerate(zip(self.metric_names(), self.config["metrics"]))}
 
     def _callable(self, role: str, spec: str | dict, where: str) -> Callable:
         """A loss or metric: a class is instantiated with its args, a function gets them bound."""
         spec = {"type": spec} if isinstance(spec, str) else spec
-        if inspect.isclass(self.targets[where]):
+        if inspect.isclass(self.callables[where]):
             return self._call(role, spec, where)
-        target = self.targets[where]
+        target = self.callables[where]
         return functools.partial(target, **spec.get("args", {})) if spec.get("args") else target
 
     def _call(self, role: str, spec: dict, where: str, *args: Any, **kwargs: Any) -> Any:
-        target = self.targets[where]
+        target = self.callables[where]
         try:
             built = target(*args, **{**spec.get("args", {}), **kwargs})
         except (TypeError, ValueError) as e:

@@ -15,18 +15,12 @@ from utils.suggest import suggest
 
 # Where each role's `type` is looked up, in order. A dotted path (`torchvision.models.resnet18`)
 # is imported as written, for any role.
-ROLE_MODULES = {
-    "arch": ["model.model"],
-    "data_loader": ["data_loader.data_loaders"],
-    "loss": ["model.loss", "torch.nn"],
-    "metrics": ["model.metric"],
-    "optimizer": ["torch.optim"],
-    "lr_scheduler": ["torch.optim.lr_scheduler"],
-    "trainer": ["trainer.trainer", "trainer.gan", "trainer.vae"],
-    # inside a data loader's args (data_loader/pipeline.py): `dataset` and `transforms` entries
-    "dataset": ["torchvision.datasets"],
-    "transform": ["torchvision.transforms.v2"],
-}
+ROLE_MODULES = {"arch": ["model.model"], "data_loader": ["data_loader.data_loaders"], "metrics": ["model.metric"],
+                "loss": ["model.loss", "torch.nn"], "optimizer": ["torch.optim"],
+                "lr_scheduler": ["torch.optim.lr_scheduler"],
+                "trainer": ["trainer.trainer", "trainer.gan", "trainer.vae"],
+                # inside a data loader's args (data_loader/pipeline.py): `dataset` and `transforms` entries
+                "dataset": ["torchvision.datasets"], "transform": ["torchvision.transforms.v2"]}
 
 
 # What a config read back from a checkpoint may name without --trust-config: modules in these packages

@@ -13,30 +13,12 @@ from utils.suggest import suggest
 REQUIRED = object()
 
 # Top-level keys and their defaults. The trainer's own keys: TRAINER below.
-TOP_LEVEL = {
-    "name": REQUIRED,
-    "seed": 0,
-    "deterministic": False,
-    "device": "auto",
-    "arch": REQUIRED,
-    "data_loader": REQUIRED,
-    "optimizer": REQUIRED,
-    "loss": REQUIRED,
-    "metrics": [],
-    "lr_scheduler": None,
-    "trainer": {},
-}
-
+TOP_LEVEL = {"name": REQUIRED, "seed": 0, "deterministic": False, "device": "auto", "arch": REQUIRED,
+             "data_loader": REQUIRED, "optimizer": REQUIRED, "loss": REQUIRED, "metrics": [], "lr_scheduler": None,
+             "trainer": {}}
 # Arguments the framework passes itself, so a config need not (and may not always) give them.
-INJECTED = {
-    "optimizer": {"params"},
-    "lr_scheduler": {"optimizer"},
-    "data_loader": {"seed", "training"},
-}
-
+INJECTED = {"optimizer": {"params"}, "lr_scheduler": {"optimizer"}, "data_loader": {"seed", "training"}}
 SCHEDULER_INTERVALS = ("epoch", "step")
-
-
 KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
               dict: "a mapping"}
 
@@ -109,12 +91,12 @@ TRAINER = {
     "len_epoch": 0,  # batches per epoch, drawn from an endless stream of passes (0: one pass per epoch)
     "valid_period": 1,  # validate every N epochs (and after the last)
     "save_dir": "saved/",  # runs go to <save_dir>/<name>/<run_id>/
-    "save_period": 1,  # write checkpoint-epoch<N>.pth every N epochs (0: never)
-    "keep_last": 0,  # keep only the N newest checkpoint-epoch<N>.pth (0: keep all)
-    "save_step": 0,  # also write latest.pth every N optimizer steps (0: at epoch ends only)
-    "save_minutes": 0.0,  # also write latest.pth when this many minutes passed since the last save (0: off)
+    "save_period": 1,  # write a numbered checkpoint of the epoch every N epochs (0: never)
+    "keep_last": 0,  # keep only the N newest numbered checkpoints (0: keep all)
+    "save_step": 0,  # also write the latest checkpoint every N optimizer steps (0: at epoch ends only)
+    "save_minutes": 0.0,  # also write the latest checkpoint when this many minutes passed since the last save (0: off)
     "verbosity": 2,  # console and log file: 0 warnings, 1 info, 2 debug
-    "monitor": "min val_loss",  # "<min|max> <logged metric>" for model_best.pth and early stop, or "off"
+    "monitor": "min val_loss",  # "<min|max> <logged metric>" for the best checkpoint and early stop, or "off"
     "early_stop": 0,  # stop after N epochs without improvement (0: never)
     "tensorboard": True,  # write TensorBoard event files into the run directory
     "log_step": 50,  # optimizer steps between console, TensorBoard and progress-bar updates

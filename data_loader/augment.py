@@ -2,8 +2,7 @@
 
 A whole batch is cropped and flipped with one gather, on the batch's device, from a generator seeded
 per batch from (seed, epoch, batch number): a resumed run, even mid-epoch, draws what an uninterrupted
-one would, and nothing waits for the host.
-"""
+one would, and nothing waits for the host."""
 
 from typing import Any
 

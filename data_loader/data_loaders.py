@@ -1,8 +1,7 @@
 """Data loaders. Any class defined here can be named in a config's `data_loader.type`.
 
 A loader may also say how predict.py reads an image file for a model trained on it: a classmethod
-`image_reader(args)` (args: the config's data_loader.args) returning path -> input tensor (C, H, W).
-"""
+`image_reader(args)` (args: the config's data_loader.args) returning path -> input tensor (C, H, W)."""
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from base import BaseDataLoader
 from config.resolve import check_built, resolve
 from config.schema import check_args, signature_params
 from data_loader.augment import BatchAugment, draw_seed
-from data_loader.datasets import MNIST_FILES, InMemoryImages, find_file, read_images_and_labels
+from data_loader.datasets import MNIST_FILES, InMemoryImages, SampleBySample, find_file, read_images_and_labels
 from data_loader.pipeline import PipelineDataLoader, build_pipeline
 from utils.errors import UserError
 
@@ -26,14 +25,13 @@ IMAGE_SIZE = 224  # ImageFolderDataLoader's default side, in pixels
 class MnistDataLoader(BaseDataLoader):
     """MNIST from `<data_dir>/MNIST/raw/` (the four IDX files, gzipped or not, as torchvision keeps them).
 
-    in_memory: decode once into a uint8 tensor on the training device and take batches by index
-    (fast); false: torchvision.datasets.MNIST in DataLoader workers (for per-sample transforms from the
+    in_memory: decode once into a uint8 tensor on the training device and take batches by index (fast); false:
+    the same tensor on the CPU, read sample by sample in DataLoader workers (for per-sample transforms from the
     config, use TorchvisionDataLoader with dataset "MNIST"). training: false gives the official test split.
     normalize: true standardises pixels with MNIST's mean and std; false keeps them in [0, 1] (GANs, VAEs).
     download: fetch the files with torchvision when they are missing (needs a network).
-    augment: batched on-device augmentation of training batches on the in-memory path, e.g.
-    {"crop_padding": 2, "flip": false} (data_loader/augment.py); validation and test batches are left as they are.
-    """
+    augment: batched on-device augmentation of training batches, e.g.
+    {"crop_padding": 2, "flip": false} (data_loader/augment.py); validation and test batches are left as they are."""
 
     def __init__(self, data_dir: str, batch_size: int = 128, shuffle: bool = True, validation_split: float = 0.0,
                  num_workers: int = 0, training: bool = True, in_memory: bool = True, download: bool = False,
@@ -43,25 +41,19 @@ class MnistDataLoader(BaseDataLoader):
         raw = Path(data_dir) / "MNIST" / "raw"
         mean, std = (MNIST_MEAN, MNIST_STD) if normalize else (0.0, 1.0)
         self.augment = BatchAugment.from_config(augment, fill=-mean / std) if training else None  # fill: black
-        if self.augment and not in_memory:
-            raise UserError("augment works on the in-memory path: for in_memory: false use TorchvisionDataLoader "
-                            'with "dataset": "MNIST" and "transforms"')
         self._generator: torch.Generator | None = None
+        if download and not all(find_file(raw, name) for name in MNIST_FILES[training]):
+            self._download(data_dir, raw, training)
         files = [find_file(raw, name) for name in MNIST_FILES[training]]
-        if None in files and download:
-            self._download(data_dir, training)
-            files = [find_file(raw, name) for name in MNIST_FILES[training]]
         if None in files:
             missing = ", ".join(f"{n}.gz" for n, f in zip(MNIST_FILES[training], files) if f is None)
             raise UserError(f"MNIST files not found: put {missing} in {raw}/ (or set download: true when online)")
-        if in_memory:
-            images, targets = read_images_and_labels(*files)
-            dataset = InMemoryImages(images.unsqueeze(1), targets, mean, std)
-        else:
-            dataset = self._torchvision_dataset(data_dir, raw, training, mean, std)
-        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, validation_split=validation_split,
-                         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
-                         prefetch_factor=prefetch_factor, drop_last=drop_last, seed=seed, folds=folds, fold=fold)
+        images, targets = read_images_and_labels(*files)
+        dataset = InMemoryImages(images.unsqueeze(1), targets, mean, std)
+        super().__init__(dataset if in_memory else SampleBySample(dataset), batch_size=batch_size, shuffle=shuffle,
+                         validation_split=validation_split, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers, prefetch_factor=prefetch_factor, drop_last=drop_last,
+                         seed=seed, folds=folds, fold=fold)
         self.classes = [str(digit) for digit in range(10)]
 
     @classmethod
@@ -92,34 +84,13 @@ class MnistDataLoader(BaseDataLoader):
         return valid
 
     @staticmethod
-    def _download(data_dir: str, training: bool) -> None:
+    def _download(data_dir: str, raw: Path, training: bool) -> None:
         from torchvision import datasets
 
         try:
             datasets.MNIST(data_dir, train=training, download=True)
         except Exception as e:  # noqa: BLE001 - offline, a proxy, a mirror down: one answer
-            raw = Path(data_dir) / "MNIST" / "raw"
             raise UserError(f"could not download MNIST ({type(e).__name__}); put the files in {raw}/") from None
-
-    @staticmethod
-    def _torchvision_dataset(data_dir: str, raw: Path, training: bool, mean: float, std: float):
-        import gzip
-        import shutil
-
-        from torchvision import datasets, transforms
-
-        for name in (*MNIST_FILES[True], *MNIST_FILES[False]):  # torchvision wants all four files, extracted
-            file = find_file(raw, name)
-            if file is not None and file.suffix == ".gz" and not file.with_suffix("").exists():
-                with gzip.open(file, "rb") as src, open(file.with_suffix(""), "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
-        try:
-            return datasets.MNIST(data_dir, train=training, transform=transform)
-        except RuntimeError:
-            names = ", ".join(f"{n}.gz" for n in (*MNIST_FILES[True], *MNIST_FILES[False]))
-            raise UserError(f"in_memory: false reads MNIST with torchvision, which needs all of {names} "
-                            f"in {raw}/") from None
 
 
 def read_image(path: str, mode: str = "RGB"):
@@ -172,11 +143,9 @@ class ImageFolderDataLoader(PipelineDataLoader):
         <data_dir>/train/<class>/<image>   (training and validation)
         <data_dir>/test/<class>/<image>    (test.py: training false)
 
-    Classes are the folder names in sorted order (label 0, 1, ...; `classes` lists them). Images are
-    converted to RGB and go through `transforms` ("train" for training, "eval" for validation and test,
-    see data_loader/pipeline.py); a pipeline not given resizes to image_size x image_size and normalises
-    with mean/std (per channel; the defaults are ImageNet's).
-    """
+    Classes are the folder names in sorted order (label 0, 1, ...; `classes` lists them). Images are converted
+    to RGB, then go through `transforms` (see PipelineDataLoader); a pipeline not given resizes to
+    image_size x image_size and normalises with mean/std (per channel; the defaults are ImageNet's)."""
 
     def __init__(self, data_dir: str, batch_size: int = 32, shuffle: bool = True, validation_split: float = 0.0,
                  num_workers: int = 2, training: bool = True, image_size: int = IMAGE_SIZE,
@@ -209,12 +178,10 @@ class ImageFolderDataLoader(PipelineDataLoader):
 class TorchvisionDataLoader(PipelineDataLoader):
     """Any torchvision.datasets class by name ("CIFAR10", "FashionMNIST", "SVHN", "FakeData", ...) or dotted path.
 
-    The loader passes root=data_dir, and train=True/False or split="train"/"test", to a class that takes
-    them; `dataset_args` add to or replace them, `test_args` do so for the test split only (training false).
-    Images go through `transforms` ("train" for training, "eval" for validation and test, see
-    data_loader/pipeline.py); a pipeline not given makes float tensors in [0, 1]. `classes`: the
-    dataset's class names, when it has them. Files are never fetched unless dataset_args has download: true.
-    """
+    The loader passes root=data_dir, and train=True/False or split="train"/"test", to a class that takes them;
+    `dataset_args` add to or replace them, `test_args` do so for the test split only (training false). Images go
+    through `transforms` (see PipelineDataLoader; a pipeline not given makes float tensors in [0, 1]). `classes`:
+    the dataset's class names, when it has them. Files are never fetched unless dataset_args has download: true."""
 
     def __init__(self, dataset: str, data_dir: str = "data/", dataset_args: dict | None = None,
                  test_args: dict | None = None, transforms: dict | None = None, batch_size: int = 128,
@@ -237,8 +204,7 @@ class TorchvisionDataLoader(PipelineDataLoader):
                        False, f"{where}.")
 
 
-def dataset_kwargs(cls: type, data_dir: str, dataset_args: Any, test_args: Any, training: bool,
-                   where: str) -> dict:
+def dataset_kwargs(cls: type, data_dir: str, dataset_args: Any, test_args: Any, training: bool, where: str) -> dict:
     """The arguments of the dataset class: root, train or split as it takes them, then the config's (checked)."""
     params = signature_params(cls)
     kwargs: dict[str, Any] = {"root": data_dir} if "root" in params else {}

@@ -11,18 +11,13 @@ from torch.utils.data import Dataset
 
 from utils.errors import UserError
 
-MNIST_FILES = {
-    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),  # by `training`
+               False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 def find_file(folder: Path, name: str) -> Path | None:
     """`name` or `name.gz` in `folder`."""
-    for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
+    return next((file for file in (folder / name, folder / f"{name}.gz") if file.is_file()), None)
 
 
 def read_idx(path: Path) -> torch.Tensor:
@@ -83,5 +78,17 @@ class InMemoryImages(Dataset):
         return self.get_batch(torch.tensor([index]))[0][0], self.targets[index]
 
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.images[indices].float().mul_(self.scale).sub_(self.shift)
-        return images, self.targets[indices]
+        return self.images[indices].float().mul_(self.scale).sub_(self.shift), self.targets[indices]
+
+
+class SampleBySample(Dataset):
+    """A dataset's samples one at a time, for DataLoader workers: its `get_batch` and `to` are left out."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset, self.targets = dataset, dataset.targets
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple:
+        return self.dataset[index]

@@ -8,8 +8,7 @@ config. Training batches go through "train", validation and the test split throu
 
 Random transforms draw from torch's generator, seeded per sample from (loader seed, epoch, sample index):
 a sample is augmented the same way whichever worker or rank reads it, and a resumed run (mid-epoch too)
-sees exactly the batches an uninterrupted one would.
-"""
+sees exactly the batches an uninterrupted one would."""
 
 from collections.abc import Callable
 from contextlib import nullcontext

@@ -31,6 +31,5 @@ def progress_bar(total: int, desc: str, initial: int = 0, enabled: bool = True):
     """tqdm over samples, for people watching a terminal; off in CI, in files and on ranks > 0."""
     from tqdm import tqdm
 
-    show = enabled and dist.is_main() and sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True,
-                leave=False, disable=not show)
+                leave=False, disable=not (enabled and dist.is_main() and sys.stderr.isatty()))

@@ -19,7 +19,7 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 class TensorboardWriter:
     """SummaryWriter calls that do nothing when disabled. The writer opens at the first write, so
-    importing TensorBoard (~0.4 s) does not delay the first training step."""
+    importing TensorBoard (slow) does not delay the first training step."""
 
     def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None = None):
         self.log_dir, self.enabled, self.purge_step = log_dir, enabled, purge_step
@@ -55,8 +55,7 @@ class TensorboardWriter:
     def hparams(self, config: dict, final: dict[str, float]) -> None:
         """The run's config and final metrics, for TensorBoard's HParams view."""
         if self.enabled and final:
-            metrics = {f"hparam/{k}": v for k, v in final.items()}
-            self.writer.add_hparams(_flatten(config), metrics, run_name=".")
+            self.writer.add_hparams(_flatten(config), {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
 
     def close(self) -> None:
         if self._writer is not None:

@@ -23,9 +23,8 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """28x28x1 -> 14x14x64 -> 7x7x128 -> one logit (real > 0). No batch norm: it sees real and generated
-    images in one batch for its own loss and generated ones alone for the generator's, and batch statistics
-    would differ between the two."""
+    """28x28x1 -> 14x14x64 -> 7x7x128 -> one logit (real > 0). No batch norm: it sees real and generated images in
+    one batch for its own loss, generated ones alone for the generator's, and the batch statistics would differ."""
 
     def __init__(self):
         super().__init__()

@@ -1,7 +1,6 @@
 """Losses: any function `(output, target) -> scalar tensor` here can be named in a config's `loss`.
 
-torch.nn's loss classes (`{"type": "CrossEntropyLoss", "args": {"label_smoothing": 0.1}}`) work too.
-"""
+torch.nn's loss classes (`{"type": "CrossEntropyLoss", "args": {"label_smoothing": 0.1}}`) work too."""
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +17,8 @@ def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def focal_loss(output: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Cross-entropy scaled by (1 - p_true)^gamma, so confident right answers count less; gamma=0 is
-    plain cross-entropy. Takes logits or log-probabilities (log_softmax of either is the same).
-    A custom loss with an argument: `"loss": {"type": "focal_loss", "args": {"gamma": 2.0}}`.
-    Lin et al. 2017, https://arxiv.org/abs/1708.02002"""
+    """Cross-entropy scaled by (1 - p_true)^gamma, so confident right answers count less (Lin et al. 2017,
+    https://arxiv.org/abs/1708.02002); gamma=0 is plain cross-entropy. Takes logits or log-probabilities (log_softmax
+    of either is the same). A custom loss with an argument: `"loss": {"type": "focal_loss", "args": {"gamma": 2.0}}`."""
     log_p = F.log_softmax(output, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
     return -((1 - log_p.exp()) ** gamma * log_p).mean()

@@ -1,8 +1,7 @@
 """Metrics: any function `(output, target) -> scalar tensor` here can be listed in a config's `metrics`.
 
 A metric returns the batch mean; the trainer weights it by the batch size, so epoch values are
-exact sample averages. Metrics stay on the device: no `.item()` here.
-"""
+exact sample averages. Metrics stay on the device: no `.item()` here."""
 
 import torch
 
@@ -12,8 +11,7 @@ def accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def top_k_acc(output: torch.Tensor, target: torch.Tensor, k: int = 3) -> torch.Tensor:
-    top_k = output.topk(k, dim=1).indices
-    return (top_k == target.unsqueeze(1)).any(dim=1).float().mean()
+    return (output.topk(k, dim=1).indices == target.unsqueeze(1)).any(dim=1).float().mean()
 
 
 def true_class_prob(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,6 @@ class MnistModel(BaseModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(F.max_pool2d(self.conv1(x), 2))
         x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
-        x = x.flatten(1)
-        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc1(x.flatten(1)))
         x = F.dropout(x, training=self.training)
         return F.log_softmax(self.fc2(x), dim=1)

@@ -3,13 +3,11 @@
     <save_dir>/<name>/<run_id>/fold_0/ ... fold_<K-1>/   each an ordinary run (resumable with -r)
     <save_dir>/<name>/<run_id>/folds.json                 the folds done, then their mean and sd
 
-Fold i trains with `data_loader.args.folds=K, fold=i` (its validation data is part i of K of a seeded
-order; see BaseDataLoader), which its config and checkpoints keep. Running the same command again
-continues the newest parent with the same config and K: finished folds are skipped, an interrupted one
-resumes from its newest checkpoint.
+Fold i trains with `data_loader.args.folds=K, fold=i` (validation is part i of K of a seeded order). The
+same command again continues the newest parent of the same config and K: finished folds are skipped, an
+interrupted one resumes.
 """
 
-import copy
 import csv
 import json
 import statistics
@@ -31,10 +29,10 @@ def fold_overrides(folds: int, fold: int) -> list[str]:
 
 
 def shared_config(config) -> dict:
-    """What every fold of one k-fold run has in common: its config without the fold index."""
-    shared = copy.deepcopy(config.config)
+    """What every fold of one k-fold run has in common: its config without the fold index, as folds.json has it."""
+    shared = json.loads(json.dumps(config.config))
     del shared["data_loader"]["args"]["fold"]
-    return json.loads(json.dumps(shared))  # as folds.json holds it
+    return shared
 
 
 def find_parent(base: Path, folds: int, shared: dict) -> tuple[Path | None, dict]:
@@ -71,11 +69,6 @@ def summarize(runs: list[dict]) -> dict:
     return {key: {"mean": statistics.fmean(values), "sd": statistics.stdev(values)} for key, values in table.items()}
 
 
-def write_record(parent: Path, record: dict) -> None:
-    checkpoint.save_atomic((json.dumps(record, indent=2) + "\n").encode(), parent / RESULTS, what="k-fold results")
-
-
-
 class KFold:
     """The folds of one k-fold run: its parent directory (found again, or made), which folds are finished,
     each fold's request, and the record of their results."""
@@ -85,40 +78,41 @@ class KFold:
             raise UserError("--folds runs the folds in one process; under torchrun train each fold on its own with "
                             f"--set {' '.join(fold_overrides(folds, 0))} (and fold=1, 2, ...)")
         self.request, self.folds = request, folds
-        fold_0 = replace(request, overrides=[*request.overrides, *fold_overrides(folds, 0)])
-        config = load_config(fold_0)  # every mistake stops here, before anything is written
+        config = load_config(self.fold_request(0))  # every mistake stops here, before anything is written
         shared = shared_config(config)
         self.parent, self.record = find_parent(Path(config["trainer"]["save_dir"]) / config["name"], folds, shared)
         if self.parent is None:
             self.parent = new_run_dir(config)
             self.record = {"folds": folds, "monitor": config["trainer"]["monitor"], "config": shared, "runs": {}}
-            write_record(self.parent, self.record)
+            self.write()
         print(f"k-fold: {folds} folds in {self.parent}", flush=True)
 
-    def unfinished(self) -> Iterator[int]:
+    def fold_request(self, fold: int, **changes) -> Request:
+        return replace(self.request, overrides=[*self.request.overrides, *fold_overrides(self.folds, fold)], **changes)
+
+    def unfinished(self) -> Iterator[tuple[int, Request]]:
+        """Each fold not finished before, and its request: in its own folder, resumed if it has a checkpoint."""
         for fold in range(self.folds):
             if str(fold) in self.record["runs"]:
                 print(f"k-fold: fold {fold} finished before, skipped", flush=True)
                 continue
-            print(f"k-fold: fold {fold} of {self.folds} in {self.parent / f'fold_{fold}'}", flush=True)
-            yield fold
-
-    def fold_request(self, fold: int) -> Request:
-        """The request of one fold: the user's plus the fold's keys, in the fold's directory (resumed from its
-        newest checkpoint if it has one)."""
-        run_dir = self.parent / f"fold_{fold}"
-        run_dir.mkdir(exist_ok=True)
-        resume = str(run_dir) if candidates(run_dir) else None
-        return replace(self.request, resume=resume, run_dir=None if resume else str(run_dir),
-                       overrides=[*self.request.overrides, *fold_overrides(self.folds, fold)])
+            run_dir = self.parent / f"fold_{fold}"
+            run_dir.mkdir(exist_ok=True)
+            print(f"k-fold: fold {fold} of {self.folds} in {run_dir}", flush=True)
+            resume = str(run_dir) if candidates(run_dir) else None
+            yield fold, self.fold_request(fold, resume=resume, run_dir=None if resume else str(run_dir))
 
     def finish(self, fold: int) -> None:
         self.record["runs"][str(fold)] = fold_result(self.parent / f"fold_{fold}", self.record["monitor"])
-        write_record(self.parent, self.record)
+        self.write()
 
     def summarize(self) -> None:
         self.record["summary"] = summarize([self.record["runs"][str(fold)] for fold in range(self.folds)])
-        write_record(self.parent, self.record)
+        self.write()
         for key, stats in self.record["summary"].items():
             print(f"k-fold: {key} {stats['mean']:.6g} ± {stats['sd']:.3g} (mean ± sd over {self.folds} folds)")
         print(f"k-fold: results written to {self.parent / RESULTS}")
+
+    def write(self) -> None:
+        checkpoint.save_atomic((json.dumps(self.record, indent=2) + "\n").encode(), self.parent / RESULTS,
+                               what="k-fold results")

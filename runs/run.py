@@ -6,10 +6,15 @@ files written and tidied. No other file decides anything about resuming.
                                                latest.pth  model_best.pth  checkpoint-epoch<N>.pth
 """
 
+import contextlib
+import fcntl
+import itertools
 import json
 import logging
 import math
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +22,7 @@ from typing import Any
 
 import torch
 
-from config.parser import ConfigParser, diff_configs, is_named
+from config.parser import ConfigParser, diff_configs, entries_of
 from logger import setup_logging
 from utils import checkpoint, dist
 from utils.cli import Request
@@ -59,13 +64,9 @@ class Run:
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise UserError(f"{self.resumed_from}: does not fit this run: {str(e).strip().splitlines()[0][:200]}") \
                 from None
-        saved = self.state["config"]["optimizer"]
-        for name, spec in self.config.entries("optimizer"):
-            apply_optimizer_changes(trainer.optimizers[name], saved.get(name, {}) if is_named(saved) else saved, spec)
-        return self.finished(trainer)
-
-    def finished(self, trainer) -> str | None:
-        """Why a resumed run has nothing left to do (all epochs trained, or early-stopped), or None."""
+        saved = entries_of("optimizer", self.state["config"]["optimizer"])
+        for name, spec in self.config.entries("optimizer").items():
+            apply_optimizer_changes(trainer.optimizers[name], saved.get(name, ("", {}))[1], spec)
         if trainer.epoch >= trainer.epochs:
             return f"all {trainer.epochs} epochs are trained"
         patience = self.config["trainer"]["early_stop"]
@@ -96,9 +97,8 @@ class Run:
             self.repair_best()
 
     def repair_best(self) -> None:
-        """A kill between the files of one save (by an older version, or a file removed by hand) can leave
-        model_best.pth behind the best that the checkpoint records; when that best is the checkpoint's own
-        epoch-end state, write it again."""
+        """model_best.pth behind the best the checkpoint records (a kill between the files of an older version's
+        save, a file removed by hand): when that best is the checkpoint's own epoch-end state, write it again."""
         state = self.state
         if state["not_improved_count"] or state["batch_in_epoch"] or not math.isfinite(state["monitor_best"]):
             return
@@ -111,9 +111,8 @@ class Run:
         log.warning("%s was behind %s: written again from it", BEST, self.resumed_from.name)
 
     def save(self, state: dict, epoch: int | None = None, improved: bool = False) -> None:
-        """Write `state` (rank 0): at an epoch's end (`epoch`) model_best.pth if `improved` and the periodic
-        file first, latest.pth last, so that a kill between two files leaves latest.pth at the previous epoch,
-        which a resume trains again; mid-epoch, latest.pth alone. Then keep_last tidies the periodic files."""
+        """Write `state` (rank 0). At the end of `epoch`: model_best.pth and the periodic file first, latest.pth
+        last (a kill in between leaves it at the previous epoch, trained again on resume), then keep_last."""
         options = self.config["trainer"]
         names = [BEST] if improved else []
         if epoch and options["save_period"] and epoch % options["save_period"] == 0:
@@ -127,7 +126,7 @@ class Run:
                 numbered[old].unlink(missing_ok=True)
         log.debug("Saved %s at epoch %d, step %d", ", ".join([*names, LATEST]), state["epoch"], state["global_step"])
 
-    def kept(self) -> str:
+    def left_to_resume(self) -> str:
         """What an error that stops the run leaves to resume from."""
         if self.dir and self.latest.exists():
             return f"the last good checkpoint in {self.dir} is kept"
@@ -135,8 +134,7 @@ class Run:
 
 
 def open_run(request: Request) -> Run:
-    """The run train.py (and lr_find.py) asks for: its config (the user's file, else the checkpoint's as data)
-    and the checkpoint it resumes from, on a started process."""
+    """train.py's run: its config (the user's file, else the checkpoint's, as data) and what it resumes from."""
     config = load_config(request) if request.resume in (None, "auto") else None
     path, state, folder = find_resume(request, config) if request.resume else (None, None, None)
     config = config or load_config(request, path, state)
@@ -183,9 +181,8 @@ def load_config(request: Request, path: Path | None = None, state: dict | None =
 
 
 def find_resume(request: Request, config: ConfigParser | None) -> tuple[Path | None, dict | None, Path | None]:
-    """(checkpoint, its state, the run directory to continue in) of -r: a file, a run directory's newest
-    checkpoint that loads, or with 'auto' the newest run of the final config's name and save_dir. 'auto' with
-    no checkpoint yet starts the run (again, in the folder of an attempt that never saved)."""
+    """(checkpoint, its state, the run directory to continue in) of -r: a file, a run directory's newest checkpoint
+    that loads, or 'auto': the newest run of the config's name (started afresh while it has no checkpoint)."""
     if request.resume == "auto":
         run = newest_run(Path(config["trainer"]["save_dir"]), config["name"])
         if run is None or not candidates(run):
@@ -194,33 +191,29 @@ def find_resume(request: Request, config: ConfigParser | None) -> tuple[Path | N
     else:
         path = Path(request.resume)
         path, state = load_newest(path) if path.is_dir() else (path, checkpoint.load(path))
-    return path, state, path.parent if is_run_dir(path.parent) else None
+    # a run directory made by train.py is continued; a lone checkpoint elsewhere continues in a new run
+    in_run = (path.parent / "config.json").is_file() and (path.parent / "train.log").is_file()
+    return path, state, path.parent if in_run else None
 
 
 def new_run_dir(config: ConfigParser) -> Path:
     """saved/<name>/<YYYYmmdd-HHMMSS>[-N]/, made by rank 0 and shared with the others."""
-    run_dir = None
+    shared = [None]
     if dist.is_main():
-        base = Path(config["trainer"]["save_dir"]) / config["name"]
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir, n = base / stamp, 1
+        base, stamp = Path(config["trainer"]["save_dir"]) / config["name"], datetime.now().strftime("%Y%m%d-%H%M%S")
         try:
             base.mkdir(parents=True, exist_ok=True)
-            while True:
-                try:
-                    run_dir.mkdir()
+            for n in itertools.count(1):
+                shared[0] = base / (stamp if n == 1 else f"{stamp}-{n}")
+                with contextlib.suppress(FileExistsError):  # another run started in the same second
+                    shared[0].mkdir()
                     break
-                except FileExistsError:
-                    n += 1
-                    run_dir = base / f"{stamp}-{n}"
         except OSError as e:
             raise UserError(f"{config.source}: trainer.save_dir: cannot create a run directory in {base}: "
                             f"{e.strerror}") from None
     if dist.is_distributed():
-        shared = [run_dir]
         torch.distributed.broadcast_object_list(shared, src=0)
-        run_dir = shared[0]
-    return Path(run_dir)
+    return Path(shared[0])
 
 
 def candidates(run_dir: Path) -> list[Path]:
@@ -251,18 +244,9 @@ def newest_run(save_dir: Path, name: str) -> Path | None:
     return max(runs)[2] if runs else None
 
 
-def is_run_dir(folder: Path) -> bool:
-    """A run directory made by train.py (a resume continues there); a lone checkpoint elsewhere is not in one."""
-    return (folder / "config.json").is_file() and (folder / "train.log").is_file()
-
-
 def lock_run(run_dir: Path):
     """Hold `run_dir/run.lock` while this process trains there: a second process gets one line naming the
     holder. The operating system drops the lock when its process dies, so a killed run never blocks the next."""
-    import fcntl
-    import os
-    import socket
-
     lock = open(run_dir / LOCK, "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -232,7 +232,7 @@ def one_thread():
 
 def make_trainer(run_dir: Path, config_file: Path, trainer_class: type = Trainer) -> Trainer:
     config, device = ConfigParser.from_file(config_file), torch.device("cpu")
-    config.targets["trainer"] = trainer_class
+    config.callables["trainer"] = trainer_class
     run_dir.mkdir()
     return config.build_trainer(device, config.build_data_loader(device), run=Run(config, device, run_dir))
 

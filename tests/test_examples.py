@@ -176,7 +176,7 @@ def test_trainer_subclass_overrides_the_steps(tmp_path, tiny_mnist):
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    config.targets["trainer"] = FrozenTrainer
+    config.callables["trainer"] = FrozenTrainer
     trainer = config.build_trainer(device, data_loader, run=Run(config, device, run_dir))
     model, valid_data_loader = trainer.model, trainer.valid_data_loader
     before = {k: v.clone() for k, v in model.state_dict().items()}

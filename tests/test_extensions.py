@@ -125,7 +125,7 @@ def build(tmp_path, tiny_mnist, overrides: dict, trainer_class=None):
     from runs.run import Run
 
     device = torch.device("cpu")
-    config.targets["trainer"] = trainer_class or config.targets["trainer"]
+    config.callables["trainer"] = trainer_class or config.callables["trainer"]
     return config.build_trainer(device, config.build("data_loader", seed=1), run=Run(config, device, tmp_path))
 
 

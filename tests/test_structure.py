@@ -1,13 +1,15 @@
-"""The code's shape, checked: no import cycle among the project's modules, and short functions where
-the training loop lives (a reader should see each one whole)."""
+"""The code's shape, checked: no import cycle among the project's modules, folders that depend one way,
+one owner for a run directory's files, scripts that use the trainer's public interface, and short
+functions where the training loop lives (a reader should see each one whole)."""
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = ("base", "data_loader", "logger", "model", "trainer", "utils")
-SCRIPTS = ("train.py", "test.py", "new_project.py")
+PACKAGES = ("base", "config", "data_loader", "logger", "model", "runs", "trainer", "utils")
+SCRIPTS = tuple(path.name for path in ROOT.glob("*.py"))
 
 
 def project_modules() -> dict[str, Path]:
@@ -76,3 +78,39 @@ def test_functions_in_the_training_loop_fit_on_a_screen():
                 if length > 35:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, long
+
+
+def folder_imports() -> set[tuple[str, str]]:
+    """(importing folder, imported folder) for every import between two of the project's folders."""
+    modules = project_modules()
+    return {(name.split(".")[0], other.split(".")[0]) for name, path in modules.items() if name.split(".")[0] in
+            PACKAGES for other in imports(name, path, modules) if other.split(".")[0] in PACKAGES} - \
+        {(p, p) for p in PACKAGES}
+
+
+def test_folders_depend_one_way_and_utils_is_a_leaf():
+    pairs = folder_imports()
+    assert ("trainer", "base") in pairs  # the finder sees imports at all
+    assert not [(a, b) for a, b in pairs if (b, a) in pairs], sorted(pairs)
+    assert not [b for a, b in pairs if a == "utils"], sorted(pairs)
+
+
+def code_strings(path: Path) -> list[str]:
+    """The string constants of a file's code (docstrings and other bare strings left out)."""
+    tree = ast.parse(path.read_text())
+    bare = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in bare]
+
+
+def test_only_the_runs_module_names_checkpoint_files_and_the_lock():
+    names = ("latest.pth", "model_best.pth", "checkpoint-epoch", "run.lock")
+    found = {str(path.relative_to(ROOT)): [s for s in code_strings(path) if any(n in s for n in names)]
+             for path in project_modules().values()}
+    assert found["runs/run.py"]  # the check sees the names where they are
+    assert not {path: strings for path, strings in found.items() if strings and not path.startswith("runs/")}
+
+
+def test_scripts_use_only_the_trainers_public_interface():
+    private = {name: re.findall(r"trainer\._\w+", (ROOT / name).read_text()) for name in SCRIPTS}
+    assert not {name: found for name, found in private.items() if found}

@@ -219,8 +219,8 @@ def test_plateau_scheduler_needs_a_monitor_and_epochs(tmp_path, trainer, interva
 
 
 # ---- data paths ------------------------------------------------------------------------------------------
-def test_torchvision_path_with_workers_matches_in_memory(tiny_mnist):
-    """in_memory: false reads through torchvision transforms in 2 persistent workers: same batches, same order."""
+def test_worker_path_matches_in_memory(tiny_mnist):
+    """in_memory: false reads sample by sample in 2 persistent workers: same batches, same order."""
     options = {"batch_size": 100, "validation_split": 0.1, "seed": 3}
     fast = MnistDataLoader(str(tiny_mnist), in_memory=True, **options)
     workers = MnistDataLoader(str(tiny_mnist), in_memory=False, num_workers=2, persistent_workers=True,
@@ -234,13 +234,15 @@ def test_torchvision_path_with_workers_matches_in_memory(tiny_mnist):
             assert torch.equal(y1, y2)
 
 
-def test_torchvision_path_names_missing_files(tmp_path, tiny_mnist):
+def test_worker_path_reads_its_split_alone_and_writes_nothing(tmp_path, tiny_mnist):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in MNIST_FILES[True]:  # the training files only: torchvision also wants the test files
+    for name in MNIST_FILES[True]:  # the training files only
         shutil.copy(tiny_mnist / "MNIST" / "raw" / f"{name}.gz", raw)
+    assert MnistDataLoader(str(tmp_path), in_memory=False).n_samples == 1024
+    assert sorted(p.name for p in raw.iterdir()) == sorted(f"{name}.gz" for name in MNIST_FILES[True])
     with pytest.raises(UserError, match="t10k-images-idx3-ubyte.gz"):
-        MnistDataLoader(str(tmp_path), in_memory=False)
+        MnistDataLoader(str(tmp_path), in_memory=False, training=False)
 
 
 def test_train_py_with_speed_options(tmp_path, tiny_mnist):

@@ -6,10 +6,9 @@ from trainer.trainer import Trainer
 
 
 class GanTrainer(Trainer):
-    """Models `generator` and `discriminator`, each with its own optimizer; the loss is a logits loss
-    (BCEWithLogitsLoss). Each step updates the discriminator on real and generated images, then the
-    generator through the updated discriminator, and logs both losses. Every epoch a grid of `samples`
-    generated images (from fixed noise) goes to TensorBoard."""
+    """Models `generator` and `discriminator`, each with its own optimizer, and a logits loss (BCEWithLogitsLoss).
+    Each step updates the discriminator on real and generated images, then the generator through the updated
+    discriminator. Every epoch a grid of `samples` generated images (fixed noise) goes to TensorBoard."""
 
     DEFAULTS = {**Trainer.DEFAULTS, "samples": 64}  # images in the epoch's grid of samples (0: none)
     LOGGED = ("loss_d", "loss_g")

@@ -1,8 +1,8 @@
 """The optimizer step that a training step calls, in the spirit of mmengine's OptimWrapper: one object that
 carries gradient accumulation, the fp16 scaler, clipping and zeroing, for one optimizer or several by name."""
 
-import contextlib
 import functools
+from contextlib import nullcontext
 
 import torch
 
@@ -22,9 +22,8 @@ class OptimStep:
         self.skip_nonfinite = options["on_nonfinite"] == "skip"
         self.params = {name: [p for group in opt.param_groups for p in group["params"]]
                        for name, opt in optimizers.items()}
-        self.outside_autocast = contextlib.nullcontext if options["amp"] == "off" else \
-            functools.partial(torch.autocast, device.type, enabled=False)  # backward outside autocast (no context
-        # at all without AMP: a few microseconds a step)
+        amp = options["amp"] != "off"  # backward runs outside autocast; without AMP no context at all (cheaper)
+        self.outside_autocast = functools.partial(torch.autocast, device.type, enabled=False) if amp else nullcontext
         self.stepping, self.group, self.called, self.skipped = True, 1, False, False
 
     def begin(self, number: int, n_batches: int) -> bool:
@@ -41,7 +40,7 @@ class OptimStep:
             return
         with self.outside_autocast():
             scaled = self.scaler.scale(loss / self.group if self.group > 1 else loss)
-            scaled.backward(inputs=self.params[name] if len(self.optimizers) > 1 else None)
+            scaled.backward(inputs=None if name == "model" else self.params[name])  # several: only its own
         if self.stepping:
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizers[name])
@@ -49,8 +48,7 @@ class OptimStep:
             self.scaler.step(self.optimizers[name])
 
     def nonfinite(self, loss: torch.Tensor) -> bool:
-        """on_nonfinite: skip. A NaN/Inf loss on any rank drops the micro-batch's gradients; all ranks skip
-        together. A host sync per step, by request."""
+        """on_nonfinite: skip. A NaN/Inf loss on any rank drops the micro-batch's gradients on all (a host sync)."""
         self.skipped = self.skipped or dist.any_flag(not torch.isfinite(loss).item(), self.device)
         return self.skipped
 

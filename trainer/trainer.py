@@ -5,13 +5,14 @@ import contextlib
 import inspect
 import itertools
 import logging
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from base import BaseTrainer
+from base.base_trainer import BaseTrainer, Interrupted
 from trainer.optim_step import OptimStep
 from utils import dist
 from utils.errors import TrainingError, UserError, one_line
@@ -175,8 +176,7 @@ def autocast(device: torch.device, amp: str):
 
 
 class Trainer(BaseTrainer):
-    """Supervised training: batches of (data, target), one model, one optimizer, by default. A subclass
-    changes `train_step`/`valid_step`; with several models its train_step calls `optimize` per optimizer."""
+    """Supervised training of (data, target) batches by default; a subclass changes `train_step`/`valid_step`."""
 
     def __init__(self, config, device, models, criterion, metric_fns, optimizers, lr_schedulers, data_loader,
                  valid_data_loader=None, run=None):
@@ -216,8 +216,7 @@ class Trainer(BaseTrainer):
         return {**super().stateful(), "train_tracker": self.train_metrics}  # an interrupted epoch's running sums
 
     def state_dict(self) -> dict:
-        """The run state, the data fingerprint (a resume checks it is the same data) and the class names of the
-        outputs (for predict.py; [] when the data have none)."""
+        """The run state, the data fingerprint (a resume compares it) and the outputs' class names (predict.py)."""
         return {**super().state_dict(), "data": self.data_fingerprint,
                 "classes": list(getattr(self.data_loader, "classes", []))}
 
@@ -241,8 +240,8 @@ class Trainer(BaseTrainer):
 
     # ---- the steps: what a subclass overrides --------------------------------------------------------------
     def train_step(self, batch) -> dict:
-        """Forward one batch: {'loss', 'output', 'target'} plus any scalar tensors to log. The loop then
-        does backward, clipping and the optimizer step (a step that trains several models calls `optimize`)."""
+        """Forward one batch: {'loss', 'output', 'target'} plus any scalar tensors to log. The loop calls
+        `optim_step` with the loss (a step that trains several models calls it per optimizer itself)."""
         data, target = data_and_target(batch, f"{type(self).__name__}.train_step")
         return self.compute_loss(self.forward_model(data), target)
 
@@ -304,9 +303,8 @@ class Trainer(BaseTrainer):
                 yield batch
 
     def train_batch(self, batch, number: int, n_batches: int, histograms: bool = False) -> Mapping | None:
-        """Micro-batch `number` of `n_batches` (on the device) through train_step under autocast, then the loop's
-        own backward unless the step called `optim_step`; gradients are all-reduced only on a micro-batch that
-        ends an accumulation group, and then the optimizers step. None: skipped (on_nonfinite: skip)."""
+        """Micro-batch `number` of `n_batches` (on the device): train_step under autocast, `optim_step` with its loss
+        unless the step called it, the scheduled work of a micro-batch that steps. None: skipped (on_nonfinite)."""
         stepping = self.optim_step.begin(number, n_batches)
         with self._grad_sync(stepping):
             with autocast(self.device, self.options["amp"]):
@@ -337,9 +335,10 @@ class Trainer(BaseTrainer):
         if self.global_step % self.log_step == 0 or last:
             self._check_finite(epoch)
             self._log_progress(bar)
-        if self._stop_requested():
+        if self._stop_requested():  # save where we are and leave with an exit code that says which signal
             bar.close()
-            self._stop_now()
+            self._save()
+            raise Interrupted(self._signal or signal.SIGTERM, self.run.latest)
         if self._save_due():
             self._save()
 
@@ -356,7 +355,7 @@ class Trainer(BaseTrainer):
         if not self.train_metrics.count:  # never report a metric of 0 for an epoch that learnt nothing
             why = ("every step had a NaN/Inf loss and was skipped" if self.skipped_steps else
                    "no training batch: is batch_size larger than the training data, with drop_last?")
-            raise TrainingError(f"epoch {epoch} trained no step ({why}); stopping; {self.run.kept()}")
+            raise TrainingError(f"epoch {epoch} trained no step ({why}); stopping; {self.run.left_to_resume()}")
         result = self.train_metrics.result()
         if self.skipped_steps:
             result["skipped_steps"] = self.skipped_steps
@@ -396,9 +395,8 @@ class Trainer(BaseTrainer):
         return tracker.result()
 
     def _valid_epoch(self, epoch: int) -> dict[str, float]:
-        if self.valid_data_loader is None:
-            return {}
-        return {f"val_{k}": v for k, v in self.evaluate(self.valid_data_loader).items()}
+        loader = self.valid_data_loader
+        return {} if loader is None else {f"val_{k}": v for k, v in self.evaluate(loader).items()}
 
     # ---- interval work --------------------------------------------------------------------------------------
     def _check_finite(self, epoch: int) -> None:
@@ -408,7 +406,7 @@ class Trainer(BaseTrainer):
         bad = self.train_metrics.first_nonfinite()
         if dist.any_flag(bad is not None, self.device):
             where = f"batch {bad + 1}" if bad is not None else "on another rank"
-            raise TrainingError(f"loss is NaN or Inf at epoch {epoch}, {where}: stopping; {self.run.kept()} "
+            raise TrainingError(f"loss is NaN or Inf at epoch {epoch}, {where}: stopping; {self.run.left_to_resume()} "
                                 "(lower the learning rate or clip gradients)")
 
     def _log_progress(self, bar) -> None:

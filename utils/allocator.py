@@ -5,17 +5,15 @@ import logging
 import os
 import platform
 
-# glibc's malloc settings for CPU runs, named as the environment variables that would set them
-MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 64 << 20}
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 64 << 20}  # bytes, by env variable
 
 
 def keep_freed_memory() -> None:
     """Stop glibc from handing freed memory back to the OS between training steps (Linux, CPU runs).
 
-    By default glibc trims the heap and unmaps large blocks as soon as they are freed, so every CPU
-    step faults its activations back in: about 2,000 page faults per MnistModel step, 15-20% of its
-    time. This sets, from the start, the limits glibc's own adaptive rule ends at (32 MiB for mmap,
-    twice that for trimming). MALLOC_*_ or GLIBC_TUNABLES in the environment take precedence."""
+    By default glibc trims the heap and unmaps large blocks as soon as they are freed, so every CPU step
+    faults its activations back in (benchmarks/README.md). This sets, from the start, the limits glibc's own
+    adaptive rule ends at. MALLOC_*_ or GLIBC_TUNABLES in the environment take precedence."""
     log = logging.getLogger("train")
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return

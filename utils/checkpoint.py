@@ -1,8 +1,7 @@
 """Checkpoint files: atomic writes, safe loads, and the random generators' state (which file is which: runs/).
 
 A checkpoint is one plain dict (state dicts, numbers, strings, the config as a dict) that loads with
-`torch.load(path, weights_only=True)`; nothing else is ever used to load one.
-"""
+`torch.load(path, weights_only=True)`; nothing else is ever used to load one."""
 
 import contextlib
 import io
@@ -29,11 +28,9 @@ def serialize(state: dict) -> bytes:
 
 
 def save_atomic(data: bytes, path: Path, what: str = "checkpoint") -> None:
-    """Write `data` to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash at any moment leaves the old file or the new one, never a truncated one
-    (https://lwn.net/Articles/457667/). A failed write removes the temporary file.
-    """
+    """Write `data` to a temporary file in the same folder, fsync, then rename over `path`. A crash at any moment
+    leaves the old file or the new one, never a truncated one (https://lwn.net/Articles/457667/). A failed write
+    removes the temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
@@ -119,13 +116,11 @@ def load_model_weights(model: torch.nn.Module, weights: dict, where: str) -> Non
 def rng_state() -> dict:
     """Python, NumPy, torch CPU and every CUDA device's generator state, as plain data."""
     np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": np_state[2],
-                  "has_gauss": np_state[3], "cached_gaussian": np_state[4]},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-    }
+    return {"python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": np_state[2],
+                      "has_gauss": np_state[3], "cached_gaussian": np_state[4]},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
 
 def set_rng_state(state: dict) -> None:

@@ -28,8 +28,7 @@ def launched_by_torchrun() -> bool:
 
 def init(device: torch.device) -> None:
     """Join the process group torchrun describes (env:// rendezvous): NCCL on CUDA, gloo on CPU."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    device_id = device if device.type == "cuda" else None
+    backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if not restarts:
         dist.init_process_group(backend, device_id=device_id)

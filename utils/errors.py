@@ -21,4 +21,4 @@ def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
     if len(lines) > 1 and lines[1].startswith("Original Traceback"):
         return re.sub(r"^[\w.]+: ", "", lines[-1])
-    return lines[0] if len(lines) == 1 else " ".join(lines)
+    return " ".join(lines)

@@ -1,7 +1,6 @@
 """trainer.profile: torch.profiler over a few training batches, traces written for TensorBoard.
 
-Off (null) by default: then no profiler exists, and the loop looks for one once an epoch, not per step.
-"""
+Off (null) by default: then no profiler exists, and the loop looks for one once an epoch, not per step."""
 
 from collections.abc import Iterator
 from pathlib import Path

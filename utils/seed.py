@@ -20,5 +20,5 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports torch._inductor: ~2 s
+    if deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports torch._inductor (slow)
         torch.use_deterministic_algorithms(deterministic)
