@@ -224,14 +224,8 @@ class BaseTrainer:
     def _save(self, epoch: int | None = None, improved: bool = False) -> None:
         """Write the run state (rank 0; the others wait): at the end of `epoch`, or mid-epoch (None)."""
         state = self.state_dict()  # every rank takes part: it gathers the RNG states
-        error = None
-        if dist.is_main():
-            try:
-                self.run.save(state, epoch, improved)
-            except TrainingError as e:
-                error = e
-        if dist.broadcast_flag(error is not None, self.device):
-            raise error or TrainingError("rank 0 could not write a checkpoint")
+        dist.on_main(lambda: self.run.save(state, epoch, improved), self.device,
+                     TrainingError("rank 0 could not write a checkpoint"))
         self.last_save = time.monotonic()
 
     # ---- logging ------------------------------------------------------------------------------------

@@ -78,15 +78,9 @@ class Run:
     def start(self) -> None:
         """Training really starts: make the directory (a new run's), lock it, tidy it, write the resolved
         config and open train.log. Called after the first batches passed, so a mistake leaves no folder."""
-        self.dir = self.dir or new_run_dir(self.config)
-        error = None
-        if dist.is_main():
-            try:
-                self.lock = lock_run(self.dir)
-            except UserError as e:
-                error = e
-        if dist.broadcast_flag(error is not None, self.device):
-            raise error or UserError(f"{self.dir}: in use by another process ({LOCK})")
+        self.dir = self.dir or new_run_dir(self.config, self.device)
+        self.lock = dist.on_main(lambda: lock_run(self.dir), self.device,
+                                 UserError(f"{self.dir}: in use by another process ({LOCK})"))
         if dist.is_main():
             for tmp in self.dir.glob(f".*{checkpoint.TMP_MARK}*"):  # what a killed process left half-written
                 tmp.unlink(missing_ok=True)
@@ -102,11 +96,9 @@ class Run:
         state = self.state
         if state["not_improved_count"] or state["batch_in_epoch"] or not math.isfinite(state["monitor_best"]):
             return
-        try:
+        with contextlib.suppress(UserError):  # damaged: rewritten below
             if (self.dir / BEST).exists() and checkpoint.load(self.dir / BEST)["monitor_best"] == state["monitor_best"]:
                 return
-        except UserError:
-            pass  # damaged: rewritten below
         checkpoint.save_atomic(self.resumed_from.read_bytes(), self.dir / BEST)
         log.warning("%s was behind %s: written again from it", BEST, self.resumed_from.name)
 
@@ -196,21 +188,21 @@ def find_resume(request: Request, config: ConfigParser | None) -> tuple[Path | N
     return path, state, path.parent if in_run else None
 
 
-def new_run_dir(config: ConfigParser) -> Path:
-    """saved/<name>/<YYYYmmdd-HHMMSS>[-N]/, made by rank 0 and shared with the others."""
-    shared = [None]
-    if dist.is_main():
-        base, stamp = Path(config["trainer"]["save_dir"]) / config["name"], datetime.now().strftime("%Y%m%d-%H%M%S")
+def new_run_dir(config: ConfigParser, device: torch.device | None = None) -> Path:
+    """saved/<name>/<YYYYmmdd-HHMMSS>[-N]/, made by rank 0 and shared with the others (`device`: torchrun's)."""
+    base, stamp = Path(config["trainer"]["save_dir"]) / config["name"], datetime.now().strftime("%Y%m%d-%H%M%S")
+
+    def make() -> Path:
         try:
             base.mkdir(parents=True, exist_ok=True)
             for n in itertools.count(1):
-                shared[0] = base / (stamp if n == 1 else f"{stamp}-{n}")
                 with contextlib.suppress(FileExistsError):  # another run started in the same second
-                    shared[0].mkdir()
-                    break
+                    (path := base / (stamp if n == 1 else f"{stamp}-{n}")).mkdir()
+                    return path
         except OSError as e:
             raise UserError(f"{config.source}: trainer.save_dir: cannot create a run directory in {base}: "
                             f"{e.strerror}") from None
+    shared = [dist.on_main(make, device, UserError(f"{base}: rank 0 could not create the run directory"))]
     if dist.is_distributed():
         torch.distributed.broadcast_object_list(shared, src=0)
     return Path(shared[0])
@@ -255,8 +247,7 @@ def lock_run(run_dir: Path):
         holder = lock.read().strip() or "another process"
         lock.close()
         raise UserError(f"{run_dir}: in use by {holder} ({LOCK}); wait for it to end or stop it") from None
-    lock.seek(0)
-    lock.truncate()
+    lock.truncate(0)
     lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     return lock

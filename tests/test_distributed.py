@@ -211,3 +211,15 @@ def test_two_nodes_on_loopback_resume_a_single_process_checkpoint(tmp_path, refe
     assert "Training on cpu (2 processes)" in out0 and "Early stop" in out0
     (run_dir,) = run_dirs(tmp_path / "saved")  # a lone checkpoint continues in a new run directory
     assert_same_weights(run_dir / "latest.pth", reference["single"] / "latest.pth")
+
+
+def test_rank_0_that_cannot_create_the_run_directory_stops_every_rank_in_one_line(tmp_path, tiny_mnist):
+    """Only rank 0 makes the folder: its error reaches rank 1, which would otherwise wait for the folder's name."""
+    (tmp_path / "a_file").write_text("")
+    config = make_config(tmp_path, tiny_mnist, {**LAYOUT, "trainer.save_dir": str(tmp_path / "a_file" / "saved")})
+    code, out = torchrun("-c", config)
+    assert code != 0, out
+    assert "trainer.save_dir: cannot create a run directory" in out, out[-3000:]
+    # rank 1 learns it from rank 0 (it says so, unless torchrun stopped it first) instead of failing in the
+    # broadcast of the folder's name when rank 0 is gone ("RuntimeError: ... Connection closed by peer")
+    assert "RuntimeError" not in out and "broadcast_object_list" not in out, out[-3000:]

@@ -1,9 +1,12 @@
 """torch.distributed in a few lines: a plain `python train.py` is rank 0 of a world of 1."""
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
+from utils.errors import UserError
 
 
 def is_distributed() -> bool:
@@ -53,6 +56,19 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     value = torch.tensor(int(flag), device=device)
     dist.broadcast(value, src=0)
     return bool(value.item())
+
+
+def on_main(action: Callable, device: torch.device, elsewhere: UserError):
+    """`action()` on rank 0 alone (None elsewhere); a UserError it raises is raised on every rank (`elsewhere`)."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = action()
+        except UserError as e:
+            error = e
+    if broadcast_flag(error is not None, device):
+        raise error or elsewhere
+    return result
 
 
 def any_flag(flag: bool, device: torch.device) -> bool:
