@@ -401,7 +401,7 @@ class Trainer(BaseTrainer):
     # ---- interval work --------------------------------------------------------------------------------------
     def _check_finite(self, epoch: int) -> None:
         """Stop on a NaN/Inf loss among the batches since the last check: no per-step sync. Nothing is
-        saved, so model_best.pth and the last good checkpoint stay as they were. Under DDP every rank stops.
+        saved, so the best and the last good checkpoints stay as they were. Under DDP every rank stops.
         (With on_nonfinite: skip no NaN reaches the tracker.)"""
         bad = self.train_metrics.first_nonfinite()
         if dist.any_flag(bad is not None, self.device):
