@@ -2,6 +2,7 @@
 the exit policy (a bad command line or input is one line and exit code 2)."""
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -72,6 +73,10 @@ def run_main(main: Callable[[], int | None]) -> None:
             raise
         code = report(str(e), e.exit_code)
     if dist.is_distributed():
+        # free what holds the process group (a DDP model in a reference cycle, or frozen by train.py) while the
+        # interpreter is whole: a gloo group freed during interpreter shutdown can abort the process
+        gc.unfreeze()
+        gc.collect()
         torch.distributed.destroy_process_group()
     sys.exit(code or 0)
 
