@@ -2,31 +2,66 @@
 
 The order of an epoch is a pure function of (seed, epoch), so a resumed run sees the same batches
 as an uninterrupted one, and a mid-epoch resume skips the batches already trained without loading
-them. Under torchrun each rank takes every world_size-th sample of that order."""
+them. Under torchrun each rank takes every world_size-th sample of that order.
+
+A dataset's own random draws (augmentation with torch, `random` or NumPy in `__getitem__`) are a function of
+position too: before each sample is read, those generators are seeded from (seed, epoch, sample index), in
+whichever worker reads it. So any num_workers, persistent or not, any rank and any resume read the same data."""
 
 import copy
 import gc
 import os
+import random
 import zlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from utils import dist
+from utils.seed import draw_seed, seed_generators
 
 
-class _IndexSampler(Sampler):
-    """Yields whatever indices the loader set for the current epoch."""
+class _EpochKeys(Sampler):
+    """Yields (epoch, index) for the indices the loader set: each sample's key, sent to whichever worker reads it."""
 
     def __init__(self) -> None:
-        self.indices: list[int] = []
+        self.epoch, self.indices = 0, []
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in self.indices)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class SeededSamples(Dataset):
+    """`dataset` read by (epoch, index) keys, each sample with the generators seeded from (seed, epoch, index).
+    In the main process (num_workers 0) the generators are the training's (dropout): put back afterwards."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        if get_worker_info() is not None:
+            return [self.read(key) for key in keys]
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        try:
+            return [self.read(key) for key in keys]
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+    def read(self, key: tuple[int, int]):
+        epoch, index = key
+        seed_generators(draw_seed(self.seed, epoch, index))
+        return self.dataset[index]
 
 
 def start_workers(loader: DataLoader) -> Iterator:
@@ -57,6 +92,9 @@ class BaseDataLoader:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(f"{type(dataset).__name__} is an IterableDataset: give a map-style Dataset (__getitem__ "
+                             "and __len__); the epoch order, split, sharding and exact resume work by index")
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.classes = [str(name) for name in getattr(dataset, "classes", ())]  # names of labels 0, 1, ...
         self.drop_last, self.seed = drop_last, seed
@@ -66,7 +104,7 @@ class BaseDataLoader:
         self.indices = torch.arange(len(dataset)) if indices is None else indices
         self.valid_indices = self._fold(folds, fold, validation_split) if folds else self._split(validation_split)
         self.epoch = 0
-        self._sampler = _IndexSampler()
+        self._sampler = _EpochKeys()
         self._loader = None  # created on first use, kept so persistent workers survive epochs
 
     @classmethod
@@ -116,7 +154,7 @@ class BaseDataLoader:
             return None
         valid = copy.copy(self)
         valid.indices, valid.valid_indices, valid.shuffle, valid.drop_last = self.valid_indices, None, False, False
-        valid._sampler, valid._loader = _IndexSampler(), None
+        valid._sampler, valid._loader = _EpochKeys(), None
         return valid
 
     def set_epoch(self, epoch: int) -> None:
@@ -185,7 +223,7 @@ class BaseDataLoader:
             return
         if self._loader is None:
             # its own generator: creating the iterator must not consume the global RNG (exact resume)
-            self._loader = DataLoader(self.dataset, self.batch_size, sampler=self._sampler,
+            self._loader = DataLoader(SeededSamples(self.dataset, self.seed), self.batch_size, sampler=self._sampler,
                                       generator=torch.Generator().manual_seed(self.seed), **self.loader_options)
-        self._sampler.indices = indices.tolist()
+        self._sampler.epoch, self._sampler.indices = self.epoch, indices.tolist()
         yield from start_workers(self._loader)

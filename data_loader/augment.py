@@ -19,11 +19,6 @@ AUGMENT = {
 }
 
 
-def draw_seed(seed: int, epoch: int, number: int) -> int:
-    """A generator seed for batch or sample `number` of `epoch`: independent of workers, ranks and resumes."""
-    return ((seed * 100_003 + epoch) * 1_000_000_007 + number) % 2**63
-
-
 class BatchAugment:
     """Random crop after padding with `fill` (the value of a black pixel) and horizontal flip, batched."""
 

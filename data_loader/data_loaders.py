@@ -13,10 +13,11 @@ from torch.utils.data import Dataset
 from base import BaseDataLoader
 from config.resolve import check_built, resolve
 from config.schema import check_args, signature_params
-from data_loader.augment import BatchAugment, draw_seed
+from data_loader.augment import BatchAugment
 from data_loader.datasets import MNIST_FILES, InMemoryImages, SampleBySample, find_file, read_images_and_labels
 from data_loader.pipeline import PipelineDataLoader, build_pipeline
 from utils.errors import UserError
+from utils.seed import draw_seed
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGE_SIZE = 224  # ImageFolderDataLoader's default side, in pixels

@@ -6,22 +6,20 @@
 Each `type` is looked up in torchvision.transforms.v2 (or a dotted path) like every other `type` in a
 config. Training batches go through "train", validation and the test split through "eval".
 
-Random transforms draw from torch's generator, seeded per sample from (loader seed, epoch, sample index):
-a sample is augmented the same way whichever worker or rank reads it, and a resumed run (mid-epoch too)
-sees exactly the batches an uninterrupted one would."""
+Random transforms draw from torch's generator, which the loader seeds per sample from (loader seed, epoch,
+sample index) (base/base_data_loader.py): a sample is augmented the same way whichever worker or rank reads
+it, and a resumed run (mid-epoch too) sees exactly the batches an uninterrupted one would."""
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from base import BaseDataLoader
-from base.base_data_loader import _IndexSampler
+from base.base_data_loader import SeededSamples
 from config.resolve import check_built, resolve
 from config.schema import check_args, check_keys
-from data_loader.augment import draw_seed
 from utils.errors import UserError
 
 PIPELINES = ("train", "eval")
@@ -82,11 +80,10 @@ def check_transforms(transforms: Any, where: str, restricted: bool = False) -> d
 
 
 class Transformed(Dataset):
-    """`dataset`'s (input, target) samples with `transform` applied to the input, its random draws seeded
-    per sample. A key is an index, or (epoch, index) from `EpochKeys`."""
+    """`dataset`'s (input, target) samples with `transform` applied to the input."""
 
-    def __init__(self, dataset: Dataset, transform: Callable, seed: int):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    def __init__(self, dataset: Dataset, transform: Callable):
+        self.dataset, self.transform = dataset, transform
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -96,25 +93,9 @@ class Transformed(Dataset):
             return getattr(self.dataset, name)
         raise AttributeError(name)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any]:
-        epoch, index = key if isinstance(key, tuple) else (-1, key)
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
         data, target = self.dataset[index]
-        in_main = get_worker_info() is None  # there the generator is the training's (dropout): leave it as it was
-        with torch.random.fork_rng(devices=[]) if in_main else nullcontext():
-            torch.default_generator.manual_seed(draw_seed(self.seed, epoch, index))
-            return self.transform(data), target
-
-
-class EpochKeys(_IndexSampler):
-    """Yields (epoch, index): the sample's key for its seeded transforms, sent to whichever worker reads it."""
-
-    def __init__(self, loader: BaseDataLoader):
-        super().__init__()
-        self.loader = loader
-
-    def __iter__(self):
-        epoch = self.loader.epoch
-        return ((epoch, index) for index in self.indices)
+        return self.transform(data), target
 
 
 class PipelineDataLoader(BaseDataLoader):
@@ -127,11 +108,10 @@ class PipelineDataLoader(BaseDataLoader):
         pipelines = {name: build_pipeline(default, f"default {name} transforms") for name in PIPELINES}
         self.pipelines = {**pipelines, **check_transforms(transforms, "transforms")}
         first_name = "train" if training else "eval"
-        super().__init__(Transformed(dataset, self.pipelines[first_name], seed), seed=seed, **options)
-        self._sampler = EpochKeys(self)
+        super().__init__(Transformed(dataset, self.pipelines[first_name]), seed=seed, **options)
         tried = ["train", "eval"] if training and self.valid_indices is not None else [first_name]
         for name in tried if len(dataset) else []:
-            self._try(Transformed(dataset, self.pipelines[name], seed), name)
+            self._try(SeededSamples(Transformed(dataset, self.pipelines[name]), seed), name)
 
     @classmethod
     def check_config(cls, args: dict, where: str, restricted: bool) -> None:
@@ -139,9 +119,9 @@ class PipelineDataLoader(BaseDataLoader):
         check_transforms(args.get("transforms"), f"{where}.transforms", restricted)
 
     @staticmethod
-    def _try(dataset: Transformed, name: str) -> None:
+    def _try(dataset: SeededSamples, name: str) -> None:
         try:
-            data = dataset[0][0]
+            data = dataset.__getitems__([(0, 0)])[0][0]
         except (TypeError, ValueError, RuntimeError, IndexError) as e:
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"transforms.{name}: fails on sample 0: {message}") from None
@@ -153,5 +133,5 @@ class PipelineDataLoader(BaseDataLoader):
         """The held-out samples, through the "eval" pipeline."""
         valid = super().split_validation()
         if valid is not None:
-            valid.dataset = Transformed(self.dataset.dataset, self.pipelines["eval"], self.seed)
+            valid.dataset = Transformed(self.dataset.dataset, self.pipelines["eval"])
         return valid

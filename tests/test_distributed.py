@@ -182,6 +182,20 @@ def test_sigterm_then_resume_in_two_processes_then_in_one(tmp_path, tiny_mnist, 
     assert_same_results(epoch_results(run_dir), epoch_results(reference["ddp"]))
 
 
+def test_stopped_mid_epoch_and_resumed_in_two_processes_logs_what_the_run_never_stopped_logs(tmp_path, tiny_mnist,
+                                                                                             reference):
+    """Each rank's running sums are saved and taken back by that rank: the epoch's values are added up in the
+    order of the run never stopped, so metrics.csv is the same byte for byte (rank 0 taking the total of both
+    made epoch 1's loss differ in its last digits with this stop)."""
+    config = make_config(tmp_path, tiny_mnist, {**LAYOUT, "data_loader.args.batch_size": 16, "trainer.log_step": 1})
+    code, out = torchrun("-c", config, env={"TEST_SIGTERM": "1:3"})
+    assert code != 0 and "stopped by SIGTERM" in out, out[-3000:]
+    (run_dir,) = run_dirs(tmp_path / "saved")
+    code, out = torchrun("-r", run_dir, "--trust-config")  # tests.models
+    assert code == 0, out[-3000:]
+    assert (run_dir / "metrics.csv").read_text() == (reference["ddp"] / "metrics.csv").read_text()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

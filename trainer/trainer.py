@@ -155,18 +155,21 @@ class MetricTracker:
         return first
 
     def state_dict(self) -> dict:
-        """The sums of every rank added up (under DDP every rank must call this, as for a checkpoint)."""
-        sums = dist.all_reduce_sum(self.sums.clone())
-        count = int(dist.all_reduce_sum(torch.tensor(self.count, device=self.device)))
-        return {"names": self.names, "sums": sums, "count": count}
+        """Every rank's own sums, in rank order (under DDP every rank must call this, as for a checkpoint)."""
+        return {"names": self.names, "ranks": dist.gather_objects({"sums": self.sums.cpu(), "count": self.count})}
 
     def load_state_dict(self, state: dict) -> None:
-        """Rank 0 takes the saved totals and the other ranks zeros, so `result()` counts them once."""
+        """On as many ranks each takes its own sums back, so the epoch's totals are added up in the order of a run
+        never stopped; on another number, rank 0 takes all and the others zeros, so `result()` counts them once."""
         self.names = state.get("names") or ["loss", *self.metric_fns]  # checkpoints before names were saved
         self.keys = self.names[: len(self.names) - len(self.metric_fns)]
         self.reset()
-        if dist.is_main():
-            self.sums, self.count = state["sums"].to(self.device), state["count"]
+        ranks = state.get("ranks") or [state]  # checkpoints before every rank's sums were saved: the total
+        if len(ranks) == dist.world_size():
+            self.sums, self.count = ranks[dist.rank()]["sums"].to(self.device), ranks[dist.rank()]["count"]
+        elif dist.is_main():
+            self.sums = sum(r["sums"] for r in ranks).to(self.device)
+            self.count = sum(r["count"] for r in ranks)
 
 
 def autocast(device: torch.device, amp: str):

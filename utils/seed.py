@@ -9,6 +9,18 @@ import torch
 from utils import dist
 
 
+def draw_seed(seed: int, epoch: int, number: int) -> int:
+    """A generator seed for batch or sample `number` of `epoch`: independent of workers, ranks and resumes."""
+    return ((seed * 100_003 + epoch) * 1_000_000_007 + number) % 2**63
+
+
+def seed_generators(seed: int) -> None:
+    """Seed the generators a dataset may draw from: torch's, Python's and NumPy's (global) ones."""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed Python, NumPy and torch (each rank differently), and choose speed or bitwise repeatability.
     https://pytorch.org/docs/stable/notes/randomness.html"""
