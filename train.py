@@ -33,6 +33,8 @@ def parse_args(argv=None) -> tuple[Request, int]:
     parser.add_argument("--lr", "--learning_rate", type=float, help=f"shortcut for --set {SHORTCUTS['lr']}=...")
     parser.add_argument("--epochs", type=int, help=f"shortcut for --set {SHORTCUTS['epochs']}=...")
     parser.add_argument("--folds", type=int, default=0, metavar="K", help="k-fold cross-validation: K runs (0: off)")
+    parser.add_argument("--data-changed", action="store_true", help="resume although the training data differ "
+                        "from the checkpoint's (the resume is then not exact)")
     parser.add_argument("--run-dir", help="train a new run in this existing directory (how --folds places each fold)")
     args = parser.parse_args(argv)
     if args.run_dir and (args.resume or not Path(args.run_dir).is_dir() or candidates(Path(args.run_dir))):
@@ -96,9 +98,9 @@ def log_start(trainer, run: Run, request: Request) -> None:
                  trainer.batch_in_epoch, trainer.global_step, run.dir)
         for line in run.changes:
             log.warning("Config changed since the checkpoint: %s", line)
-        if run.state.get("data", trainer.data_fingerprint) != trainer.data_fingerprint:
-            log.warning("The training data differ from the checkpoint's (%s, now %s): the resume is not exact",
-                        run.state["data"], trainer.data_fingerprint)
+        if run.data_changes:
+            log.warning("The training data differ from the checkpoint's (%s): the resume is not exact",
+                        ", ".join(run.data_changes))
     elif request.resume == "auto":
         log.info("-r auto: no checkpoint of this run yet: starting it in %s", run.dir)
     else:

@@ -10,15 +10,14 @@ whichever worker reads it. So any num_workers, persistent or not, any rank and a
 
 import copy
 import gc
-import os
 import random
-import zlib
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from base.data_fingerprint import data_fingerprint
 from utils import dist
 from utils.seed import draw_seed, seed_generators
 
@@ -184,18 +183,8 @@ class BaseDataLoader:
         return indices
 
     def fingerprint(self) -> dict:
-        """What a resume compares to know the data are the same: the dataset's size and a CRC of its labels,
-        its file list (relative to its root: ImageFolder's `samples`) and this loader's split."""
-        crc = zlib.crc32(self.indices.cpu().numpy().tobytes())
-        labels = getattr(self.dataset, "targets", None)
-        if isinstance(labels, torch.Tensor):
-            crc = zlib.crc32(labels.cpu().numpy().tobytes(), crc)
-        elif labels is not None:
-            crc = zlib.crc32(repr(list(labels)).encode(), crc)
-        root = str(getattr(self.dataset, "root", ""))
-        for path, *_ in getattr(self.dataset, "samples", None) or ():
-            crc = zlib.crc32(os.path.relpath(path, root).encode() if root else str(path).encode(), crc)
-        return {"samples": len(self.dataset), "crc": f"{crc:08x}"}
+        """What a resume compares to know the data are the same (base/data_fingerprint.py)."""
+        return data_fingerprint(self.dataset, self.indices)
 
     @property
     def n_samples(self) -> int:

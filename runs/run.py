@@ -48,13 +48,16 @@ class Run:
     state: dict | None = None
     changes: list[str] = field(default_factory=list)  # config keys changed since that checkpoint
     lock: Any = None  # held by rank 0 while this process trains in `dir`
+    allow_data_changes: bool = False  # --data-changed: a resume on other data goes on instead of stopping
+    data_changes: list[str] = field(default_factory=list)  # how the data differ from the checkpoint's (restore)
 
     @property
     def latest(self) -> Path:
         return self.dir / LATEST
 
     def restore(self, trainer) -> str | None:
-        """Load the checkpoint's run state into `trainer`; why the run has nothing left to do, or None."""
+        """Load the checkpoint's run state into `trainer`; why the run has nothing left to do, or None. Training
+        data that differ from the checkpoint's stop it (UserError) unless `allow_data_changes`."""
         missing = [key for key in ("optimizer", "rng", "epoch", "global_step") if key not in self.state]
         if missing:
             raise UserError(f"{self.resumed_from}: holds model weights but no run state to resume ({', '.join(missing)}"
@@ -73,6 +76,10 @@ class Run:
         if patience and trainer.not_improved_count >= patience and \
                 trainer.epochs <= self.state["config"]["trainer"]["epochs"]:
             return f"it early-stopped ('{trainer.monitor_key}' did not improve for {patience} epochs)"
+        self.data_changes = data_changes(self.state.get("data", {}), trainer.data_fingerprint)
+        if self.data_changes and not self.allow_data_changes:
+            raise UserError(f"{self.resumed_from}: the training data differ from the checkpoint's: "
+                            f"{', '.join(self.data_changes)}; to resume anyway (not exact), add --data-changed")
         return None
 
     def start(self) -> None:
@@ -134,7 +141,8 @@ def open_run(request: Request) -> Run:
         raise UserError(f"{config.source}: arch differs from the checkpoint's ({state['config']['arch']}): "
                         "a resume keeps the architecture; use --finetune to start a new run from its weights")
     return Run(config, start_process(config, request), folder or (Path(request.run_dir) if request.run_dir else None),
-               path, state, diff_configs(state["config"], config.config) if state else [])
+               path, state, diff_configs(state["config"], config.config) if state else [],
+               allow_data_changes=request.data_changed)
 
 
 def open_checkpoint(request: Request) -> Run:
@@ -152,6 +160,13 @@ def start_process(config: ConfigParser, request: Request) -> torch.device:
         dist.init(device)
     seed_everything(config["seed"], config["deterministic"])
     return device
+
+
+def data_changes(saved: dict, current: dict) -> list[str]:
+    """What differs between two data fingerprints (base/data_fingerprint.py), among the entries both have: a
+    checkpoint of an older version has fewer."""
+    return [f"{key} {saved[key]} -> {current[key]}" if key == "samples" else f"{key} changed"
+            for key in current if key in saved and saved[key] != current[key]]
 
 
 def apply_optimizer_changes(optimizer: torch.optim.Optimizer, old: dict, new: dict) -> None:

@@ -14,9 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from base.data_fingerprint import data_fingerprint
 from conftest import ROOT, make_config, run, run_dirs
 from data_loader.datasets import read_idx, write_idx
+from data_loader.pipeline import Transformed
+from runs.run import data_changes
 from test_checkpoints import assert_same_state
+from tests.custom_data import LabelFile, Versioned
+from utils.errors import UserError
 
 ENV = {"PYTHONPATH": str(ROOT / "tests")}  # plugin_faults.py
 QUICK = {"trainer.tensorboard": False, "trainer.epochs": 3, "trainer.save_step": 5}
@@ -224,7 +229,7 @@ def test_save_minutes_writes_latest_at_log_intervals(tmp_path, tiny_mnist):
     assert saves == {0: 0, 1e-6: 5}  # steps 5, 10, 15, 20, 25 of 28
 
 
-def test_a_resume_on_other_data_warns(tmp_path, tiny_mnist, finished):
+def test_a_resume_on_other_data_stops_unless_told(tmp_path, tiny_mnist, finished):
     changed = shutil.copytree(tiny_mnist, tmp_path / "data")
     labels_file = changed / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
     labels = read_idx(labels_file).clone()
@@ -233,10 +238,56 @@ def test_a_resume_on_other_data_warns(tmp_path, tiny_mnist, finished):
     run_dir = shutil.copytree(finished[1], tmp_path / "run")
     same = run("train.py", "-r", run_dir / "checkpoint-epoch2.pth")
     assert same.returncode == 0 and "differ" not in same.stdout
-    other = run("train.py", "-r", run_dir / "checkpoint-epoch2.pth", "--set", f"data_loader.args.data_dir={changed}")
-    assert other.returncode == 0, other.stderr
-    warning = [line for line in other.stdout.splitlines() if "The training data differ" in line]
-    assert len(warning) == 1 and "the resume is not exact" in warning[0], other.stdout
+    other = ("train.py", "-r", run_dir / "checkpoint-epoch2.pth", "--set", f"data_loader.args.data_dir={changed}")
+    one_line_error(run(*other), 2, "the training data differ from the checkpoint's: labels changed",
+                   "to resume anyway (not exact), add --data-changed")
+    told = run(*other, "--data-changed")
+    assert told.returncode == 0, told.stderr
+    warning = [line for line in told.stdout.splitlines() if "The training data differ" in line]
+    assert len(warning) == 1 and "(labels changed, items changed): the resume is not exact" in warning[0], told.stdout
+
+
+def test_a_resume_on_a_custom_dataset_that_changed_stops_before_writing(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "labels.txt").write_text(" ".join(str(i % 10) for i in range(96)))
+    loader = {"type": "TorchvisionDataLoader", "args": {"dataset": "tests.custom_data.LabelFile", "data_dir": str(data),
+                                                        "batch_size": 32, "validation_split": 32, "num_workers": 0}}
+    config = make_config(tmp_path, data, {"data_loader": loader, "trainer.epochs": 1, "trainer.tensorboard": False})
+    assert run("train.py", "-c", config).returncode == 0
+    (run_dir,) = run_dirs(tmp_path / "saved")
+    (data / "labels.txt").write_text(" ".join(str(i % 7) for i in range(80)))
+    before = files(run_dir)
+    resume = ("train.py", "-r", run_dir, "--epochs", "2", "--trust-config")  # the config names tests.custom_data
+    one_line_error(run(*resume), 2, "the training data differ from the checkpoint's: samples 96 -> 80, labels changed")
+    assert files(run_dir) == before
+    told = run(*resume, "--data-changed")
+    assert told.returncode == 0, told.stderr
+    assert state(run_dir / "latest.pth")["epoch"] == 2 and state(run_dir / "latest.pth")["data"]["samples"] == 80
+    assert "The training data differ from the checkpoint's (samples 96 -> 80, labels changed" in \
+        (run_dir / "train.log").read_text()
+
+
+def test_the_default_data_fingerprint_is_deterministic_and_says_what_changed(tmp_path):
+    (tmp_path / "labels.txt").write_text(" ".join(str(i % 10) for i in range(40)))
+    indices, generators = torch.arange(32), (torch.get_rng_state(), random.getstate())
+    first = data_fingerprint(LabelFile(str(tmp_path)), indices)
+    assert data_fingerprint(LabelFile(str(tmp_path)), indices) == first  # its images are random
+    assert torch.equal(torch.get_rng_state(), generators[0]) and random.getstate() == generators[1]
+    assert first.keys() == {"samples", "labels", "items", "split"} and first["samples"] == 40
+    wrapped = data_fingerprint(Transformed(LabelFile(str(tmp_path)), lambda x: x + 1, 0), indices)
+    assert wrapped == first  # what a wrapper holds counts, read before its transform
+    (tmp_path / "labels.txt").write_text(" ".join(["9", *(str(i % 10) for i in range(1, 40))]))  # was 0
+    other = data_fingerprint(LabelFile(str(tmp_path)), indices)
+    assert other["labels"] != first["labels"] and other["samples"] == 40 and other["split"] == first["split"]
+    assert data_changes(first, other) == ["labels changed", "items changed"]
+    assert data_changes({"samples": 40, "crc": "0"}, first) == []  # an older checkpoint's form
+    assert data_changes({"samples": 39, "crc": "0"}, first) == ["samples 39 -> 40"]
+    for own, entries in (("v1", {"dataset": "v1"}), ({"version": 2, "shards": "a-f"}, {"version": 2, "shards": "a-f"})):
+        assert data_fingerprint(Versioned(str(tmp_path), own), indices) == \
+            {"samples": 40, **entries, "split": first["split"]}
+    with pytest.raises(UserError, match="fingerprint\\(\\) must return a str or a dict of str to str or int, got"):
+        data_fingerprint(Versioned(str(tmp_path), [1]), indices)
 
 
 # ---- one command, re-run until it succeeds; torchrun restarting a group that lost a worker -------------------

@@ -29,6 +29,7 @@ class Request:
     trust_config: bool = False  # a checkpoint's config may name any importable code
     finetune: str | None = None  # a new run from these model weights
     run_dir: str | None = None  # a new run in this existing folder (a fold)
+    data_changed: bool = False  # a resume on data that differ from the checkpoint's goes on (not exact)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -54,7 +55,8 @@ def request_of(args: argparse.Namespace) -> Request:
                  if getattr(args, flag, None) is not None]
     overrides += args.set + ([f"device={json.dumps(args.device)}"] if args.device else [])
     return Request(args.config, getattr(args, "resume", None), overrides, bool(args.device), args.trust_config,
-                   getattr(args, "finetune", None), getattr(args, "run_dir", None))
+                   getattr(args, "finetune", None), getattr(args, "run_dir", None),
+                   getattr(args, "data_changed", False))
 
 
 def run_main(main: Callable[[], int | None]) -> None:
