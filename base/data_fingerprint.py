@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.errors import UserError
+from utils.seed import seed_generators
 
 ITEMS = 8  # samples read for `items`
 NAMES = {"targets": "labels", "samples": "files"}  # torchvision's attributes, by what they hold
@@ -63,9 +64,7 @@ def read_items(dataset: Dataset) -> str:
     states, crc = (random.getstate(), np.random.get_state()), 0
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(0)
-            random.seed(0)
-            np.random.seed(0)
+            seed_generators(0)
             for index in range(0, n, max(1, -(-n // ITEMS))):
                 crc = add(crc, dataset[index], root)
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as e:
