@@ -190,6 +190,32 @@ class BaseDataLoader:
     def n_samples(self) -> int:
         return len(self.indices)
 
+    # What a config reads with "${data.<name>}" (README: Values from the data), computed only when read.
+    @property
+    def num_classes(self) -> int:
+        """The number of class names, else the largest training label + 1."""
+        return len(self.classes) or int(self._labels().max()) + 1
+
+    @property
+    def in_channels(self) -> int:
+        """The first dimension of the first training sample's input."""
+        return int(self.dataset[int(self.indices[0])][0].shape[0])
+
+    @property
+    def class_weights(self) -> torch.Tensor:
+        """Each class's inverse frequency among the training samples (not validation), scaled to average 1: a
+        loss's per-class `weight` for imbalanced data. A class no training sample has weighs 0."""
+        counts = torch.bincount(self._labels(), minlength=len(self.classes)).float()
+        inverse = torch.where(counts > 0, 1 / counts, 0.0)
+        return inverse / inverse.mean()
+
+    def _labels(self) -> torch.Tensor:
+        """The training samples' labels: from the dataset's `targets`, else read sample by sample."""
+        targets = getattr(self.dataset, "targets", None)
+        if targets is None:
+            return torch.tensor([int(self.dataset[int(i)][1]) for i in self.indices])
+        return torch.as_tensor(targets).cpu().long()[self.indices.cpu()]
+
     def __len__(self) -> int:
         """Batches per epoch on this rank (skipped ones included), counted without drawing the order."""
         n, world = len(self.indices), dist.world_size()

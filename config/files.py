@@ -122,14 +122,15 @@ def parse_override(expr: str) -> tuple[list[str], Any]:
 
 
 def apply_override(config: dict, path: list[str], value: Any) -> None:
-    """Set one dotted key. It must exist already, except a new argument inside an `args` mapping."""
+    """Set one dotted key. It must exist already, except a new argument inside an `args` mapping or a new value
+    in `vars`."""
     node = config
     for depth, part in enumerate(path):
         where = ".".join(path[: depth + 1])
         last = depth == len(path) - 1
         if not isinstance(node, dict):
             raise UserError(f"--set {'.'.join(path)}: '{'.'.join(path[:depth])}' is not a mapping")
-        if part not in node and not (last and path[depth - 1 : depth] == ["args"]):
+        if part not in node and not (last and (path[depth - 1 : depth] == ["args"] or path[:depth] == ["vars"])):
             raise UserError(f"--set {'.'.join(path)}: unknown key '{where}'{suggest(part, node)}")
         if last:
             node[part] = value

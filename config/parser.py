@@ -15,6 +15,7 @@ import torch
 
 from config import schema
 from config.files import apply_override, check_bounds, load_file, parse_override, shorten
+from config.refs import data_value, fill_in
 from config.resolve import check_built, resolve
 from utils.errors import UserError
 from utils.suggest import suggest
@@ -59,7 +60,10 @@ class ConfigParser:
         """restricted: the config is someone else's data (read from a checkpoint): it may only name
         what the project trusts (see `resolve`)."""
         self.source, self.config, self.restricted = source, config, restricted
+        self.resolved = fill_in(config, config, source)  # what is read: `config` with "${vars...}" filled in
         self.callables: dict[str, Callable] = {}  # "arch", "metrics[0]", ...: the callable its `type` names
+        self.data, self.device = None, None  # what "${data.<name>}" reads (build_trainer's loader), its tensors' device
+        self.data_values: dict[str, Any] = {}  # each "${data.<name>}" read, by name: checkpoints record them
         self._check()
 
     @classmethod
@@ -77,16 +81,16 @@ class ConfigParser:
         return cls(config, source, restricted)
 
     def __getitem__(self, key: str) -> Any:
-        return self.config[key]
+        return self.resolved[key]
 
     def entries(self, role: str) -> dict[str, Any]:
         """The spec of each entry of `role` by name ('model' for a single one)."""
-        return {name: spec for name, (_, spec) in entries_of(role, self.config[role]).items()}
+        return {name: spec for name, (_, spec) in entries_of(role, self[role]).items()}
 
     # ---- checking -------------------------------------------------------------------------------
     def _check(self) -> None:
-        cfg, src = self.config, self.source
-        for key in ("name", "seed", "deterministic", "device", "metrics", "trainer"):
+        cfg, src = self.resolved, self.source
+        for key in ("name", "seed", "deterministic", "device", "metrics", "trainer", "vars"):
             schema.check_type(cfg[key], schema.TOP_LEVEL[key], f"{src}: {key}")
         if not cfg["name"] or "/" in cfg["name"]:
             raise UserError(f"{src}: name: must be a non-empty name without '/', got {shorten(repr(cfg['name']))}")
@@ -110,7 +114,7 @@ class ConfigParser:
 
     def _check_trainer(self) -> None:
         """The trainer class, then its keys (a subclass may add its own to DEFAULTS) and their kinds."""
-        options, src = self.config["trainer"], self.source
+        options, src = self["trainer"], self.source
         schema.check_type(options.get("type"), "", f"{src}: trainer.type")
         trainer_class = resolve("trainer", options["type"], f"{src}: trainer.type", self.restricted)
         self.callables["trainer"] = trainer_class
@@ -121,7 +125,7 @@ class ConfigParser:
     def _check_names(self) -> None:
         """Several models: each optimizer names a model, each scheduler an optimizer (a frozen model may
         have none). One model: one optimizer and at most one scheduler."""
-        arch, optimizer, scheduler = (self.config[role] for role in ("arch", "optimizer", "lr_scheduler"))
+        arch, optimizer, scheduler = (self[role] for role in ("arch", "optimizer", "lr_scheduler"))
         pairs = [("optimizer", optimizer, "arch", arch)]
         if scheduler is not None:
             pairs.append(("lr_scheduler", scheduler, "optimizer", optimizer))
@@ -160,14 +164,14 @@ class ConfigParser:
             target.check_config(args, f"{where}.args", self.restricted)
 
     def metric_names(self) -> list[str]:
-        return [spec if isinstance(spec, str) else spec["type"].rpartition(".")[2] for spec in self.config["metrics"]]
+        return [spec if isinstance(spec, str) else spec["type"].rpartition(".")[2] for spec in self["metrics"]]
 
     def logged_metric_names(self) -> list[str]:
         """Every name `monitor` may refer to: loss, metrics and what the trainer class and the loss say they
         log (their LOGGED), in training and, if the data loader class says it has some, validation."""
         extra = [*getattr(self.callables["trainer"], "LOGGED", ()), *getattr(self.callables["loss"], "LOGGED", ())]
         names = ["loss", *extra, *self.metric_names()]
-        has_validation = self.callables["data_loader"].has_validation(self.config["data_loader"].get("args", {}))
+        has_validation = self.callables["data_loader"].has_validation(self["data_loader"].get("args", {}))
         return names + ([f"val_{n}" for n in names] if has_validation else [])
 
     # ---- building -------------------------------------------------------------------------------
@@ -175,29 +179,31 @@ class ConfigParser:
         """Every entry of `role` as an object, by name: its `type` called with its `args` and the given
         arguments; an argument that is a dict by name gives each entry its own."""
         return {name: self._call(role, spec, where, *[a[name] if isinstance(a, dict) else a for a in args], **kwargs)
-                for name, (where, spec) in entries_of(role, self.config[role]).items()}
+                for name, (where, spec) in entries_of(role, self[role]).items()}
 
     def build(self, role: str, *args: Any, **kwargs: Any) -> Any:
         """`build_named`, but a single entry as itself."""
         built = self.build_named(role, *args, **kwargs)
-        return built if is_named(self.config[role]) else built.get("model")
+        return built if is_named(self[role]) else built.get("model")
 
     def build_data_loader(self, device: torch.device, test: bool = False) -> Any:
         """The training data (its validation split with it) on `device`; `test`: the test split in order, every
         sample once (of a k-fold run's checkpoint too: all the test data, not the fold's part of it)."""
         if not test:
-            return self.build("data_loader", seed=self.config["seed"]).to(device)
-        folds = {"folds": 0} if "folds" in self.config["data_loader"].get("args", {}) else {}
+            return self.build("data_loader", seed=self["seed"]).to(device)
+        folds = {"folds": 0} if "folds" in self["data_loader"].get("args", {}) else {}
         loader = self.build("data_loader", training=False, shuffle=False, validation_split=0.0, **folds,
-                            seed=self.config["seed"]).to(device)
+                            seed=self["seed"]).to(device)
         loader.drop_last = False  # every test sample counts, whatever the training config says
         return loader
 
     def build_trainer(self, device: torch.device, data_loader: Any, **extra: Any) -> Any:
         """The trainer class the config names, with the models on `device`, the loss, metrics, optimizers and
-        schedulers by name, and `data_loader` with its validation split. A mistake stops here."""
+        schedulers by name, and `data_loader` with its validation split (what "${data.<name>}" reads, unless a
+        checkpoint recorded it). A mistake stops here."""
+        self.data, self.device = data_loader, device
         models = {name: model.to(device) for name, model in self.build_named("arch").items()}
-        if self.config["trainer"]["channels_last"]:
+        if self["trainer"]["channels_last"]:
             models = {name: model.to(memory_format=torch.channels_last) for name, model in models.items()}
         criterion = self.build_loss()
         optimizers = self.build_named("optimizer", {name: model.parameters() for name, model in models.items()})
@@ -208,11 +214,11 @@ class ConfigParser:
             valid_data_loader=data_loader.split_validation(), **extra)
 
     def build_loss(self) -> Callable:
-        return self._callable("loss", self.config["loss"], "loss")
+        return self._callable("loss", self["loss"], "loss")
 
     def build_metrics(self) -> dict[str, Callable]:
         return {name: self._callable("metrics", spec, f"metrics[{i}]")
-                for i, (name, spec) in enumerate(zip(self.metric_names(), self.config["metrics"]))}
+                for i, (name, spec) in enumerate(zip(self.metric_names(), self["metrics"]))}
 
     def _callable(self, role: str, spec: str | dict, where: str) -> Callable:
         """A loss or metric: a class is instantiated with its args, a function gets them bound."""
@@ -220,17 +226,33 @@ class ConfigParser:
         if inspect.isclass(self.callables[where]):
             return self._call(role, spec, where)
         target = self.callables[where]
-        return functools.partial(target, **spec.get("args", {})) if spec.get("args") else target
+        return functools.partial(target, **self._args(spec, where)) if spec.get("args") else target
 
     def _call(self, role: str, spec: dict, where: str, *args: Any, **kwargs: Any) -> Any:
-        target = self.callables[where]
+        target, given = self.callables[where], self._args(spec, where)
         try:
-            built = target(*args, **{**spec.get("args", {}), **kwargs})
+            built = target(*args, **{**given, **kwargs})
         except (TypeError, ValueError) as e:
             raise UserError(f"{self.source}: {where}: {spec['type']}: {e}") from None
         except UserError as e:  # e.g. a data loader's missing files: say which config entry asked for them
             raise UserError(f"{self.source}: {where}: {e}") from None
         return check_built(role, built, spec["type"], f"{self.source}: {where}")
+
+    def _args(self, spec: dict, where: str) -> dict:
+        """The entry's args with "${data.<name>}" filled in (its "${vars...}" are already)."""
+        return fill_in(spec.get("args", {}), self.resolved, self.source, f"{where}.args", self._data_value)
+
+    def _data_value(self, name: str, at: str) -> Any:
+        """The data loader's attribute `name`, read once (or as a checkpoint recorded it), on the training device."""
+        if name not in self.data_values:
+            if self.data is None:
+                raise UserError(f"{at}: no data loader to read it from here")
+            try:
+                self.data_values[name] = data_value(self.data, name)
+            except (UserError, TypeError, KeyError, IndexError, ValueError, AttributeError) as e:  # a property failed
+                raise UserError(f"{at}: {e if isinstance(e, UserError) else f'{type(e).__name__}: {e}'}") from None
+        value = self.data_values[name]
+        return value.to(self.device) if isinstance(value, torch.Tensor) and self.device is not None else value
 
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from config.files import shorten
+from config.refs import is_data_reference
 from utils.errors import UserError
 from utils.suggest import suggest
 
@@ -15,7 +16,7 @@ REQUIRED = object()
 # Top-level keys and their defaults. The trainer's own keys: TRAINER below.
 TOP_LEVEL = {"name": REQUIRED, "seed": 0, "deterministic": False, "device": "auto", "arch": REQUIRED,
              "data_loader": REQUIRED, "optimizer": REQUIRED, "loss": REQUIRED, "metrics": [], "lr_scheduler": None,
-             "trainer": {}}
+             "trainer": {}, "vars": {}}  # vars: the project's own values, for "${vars.<key>}" in args
 # Arguments the framework passes itself, so a config need not (and may not always) give them.
 INJECTED = {"optimizer": {"params"}, "lr_scheduler": {"optimizer"}, "data_loader": {"seed", "training"}}
 SCHEDULER_INTERVALS = ("epoch", "step")
@@ -75,7 +76,7 @@ def check_args(fn: Callable, args: dict, where: str, injected: set[str]) -> None
             listing = ", ".join(accepted) or "none"
             raise UserError(f"{where}: unknown argument '{key}'{suggest(key, accepted)}; accepted: {listing}")
         expected = SIMPLE_TYPES.get(named[key].annotation) if key in named else None
-        if expected is not None:
+        if expected is not None and not is_data_reference(value):  # its kind is known once the data is
             check_type(value, expected(), f"{where}.{key}")
     for name, param in named.items():
         if param.default is param.empty and name not in args and name not in injected:

@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 
 
-def nll_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """For models that return log-probabilities (log_softmax), like MnistModel."""
-    return F.nll_loss(output, target)
+def nll_loss(output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """For models that return log-probabilities (log_softmax), like MnistModel. `weight`: one per class."""
+    return F.nll_loss(output, target, weight)
 
 
-def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """For models that return raw logits."""
-    return F.cross_entropy(output, target)
+def cross_entropy(output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """For models that return raw logits. `weight`: one per class."""
+    return F.cross_entropy(output, target, weight)
 
 
 def focal_loss(output: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:

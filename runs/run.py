@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from config.parser import ConfigParser, diff_configs, entries_of
+from config.refs import fill_in
 from logger import setup_logging
 from utils import checkpoint, dist
 from utils.cli import Request
@@ -67,7 +68,7 @@ class Run:
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise UserError(f"{self.resumed_from}: does not fit this run: {str(e).strip().splitlines()[0][:200]}") \
                 from None
-        saved = entries_of("optimizer", self.state["config"]["optimizer"])
+        saved = entries_of("optimizer", saved_section(self.state, "optimizer", self.resumed_from))
         for name, spec in self.config.entries("optimizer").items():
             apply_optimizer_changes(trainer.optimizers[name], saved.get(name, ("", {}))[1], spec)
         if trainer.epoch >= trainer.epochs:
@@ -137,7 +138,7 @@ def open_run(request: Request) -> Run:
     config = load_config(request) if request.resume in (None, "auto") else None
     path, state, folder = find_resume(request, config) if request.resume else (None, None, None)
     config = config or load_config(request, path, state)
-    if state and config["arch"] != state["config"]["arch"]:
+    if state and config["arch"] != saved_section(state, "arch", path):
         raise UserError(f"{config.source}: arch differs from the checkpoint's ({state['config']['arch']}): "
                         "a resume keeps the architecture; use --finetune to start a new run from its weights")
     return Run(config, start_process(config, request), folder or (Path(request.run_dir) if request.run_dir else None),
@@ -150,7 +151,13 @@ def open_checkpoint(request: Request) -> Run:
     path = Path(request.resume)
     state = checkpoint.load(path)
     config = load_config(request, path, state)
+    config.data_values.update(state.get("data_values", {}))  # the model is built as training built it
     return Run(config, start_process(config, request), None, path, state)
+
+
+def saved_section(state: dict, key: str, path: Path) -> Any:
+    """A section of the checkpoint's config with its "${vars...}" filled in, to compare with the config's."""
+    return fill_in(state["config"][key], state["config"], f"{path} (its config)", key)
 
 
 def start_process(config: ConfigParser, request: Request) -> torch.device:

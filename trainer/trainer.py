@@ -219,9 +219,10 @@ class Trainer(BaseTrainer):
         return {**super().stateful(), "train_tracker": self.train_metrics}  # an interrupted epoch's running sums
 
     def state_dict(self) -> dict:
-        """The run state, the data fingerprint (a resume compares it) and the outputs' class names (predict.py)."""
+        """The run state, the data fingerprint (a resume compares it), the outputs' class names (predict.py) and
+        the values the config read from the data (test.py and predict.py build with them)."""
         return {**super().state_dict(), "data": self.data_fingerprint,
-                "classes": list(getattr(self.data_loader, "classes", []))}
+                "classes": list(getattr(self.data_loader, "classes", [])), "data_values": self.config.data_values}
 
     def check_first_batches(self) -> None:
         """One training and one validation batch through valid_step and the metrics before the run starts, so
