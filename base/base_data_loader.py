@@ -10,6 +10,7 @@ whichever worker reads it. So any num_workers, persistent or not, any rank and a
 
 import copy
 import gc
+import logging
 import random
 from collections.abc import Iterator
 
@@ -83,6 +84,8 @@ class BaseDataLoader:
     folds, fold: k-fold cross-validation (`train.py --folds K` sets them): validation is part `fold` of
     `folds` near-equal parts of a seeded order, training the rest; instead of validation_split."""
 
+    logger = logging.getLogger("train")  # the run's log, as in the classic template
+
     def __init__(self, dataset: Dataset, *, batch_size: int, shuffle: bool = True, validation_split: float = 0.0,
                  num_workers: int = 0, pin_memory: bool = True, persistent_workers: bool = False,
                  prefetch_factor: int = 2, drop_last: bool = False, seed: int = 0,
@@ -103,6 +106,7 @@ class BaseDataLoader:
         self.indices = torch.arange(len(dataset)) if indices is None else indices
         self.valid_indices = self._fold(folds, fold, validation_split) if folds else self._split(validation_split)
         self.epoch = 0
+        self.batch_indices = self.indices[:0]  # the dataset indices of the batch last given (a loss may ask)
         self._sampler = _EpochKeys()
         self._loader = None  # created on first use, kept so persistent workers survive epochs
 
@@ -231,14 +235,18 @@ class BaseDataLoader:
     def batches(self, skip: int = 0) -> Iterator:
         """The current epoch's batches, without the first `skip` (a resume in the middle of an epoch)."""
         indices = self.epoch_indices()[skip * self.batch_size :]
+        starts = range(0, len(indices), self.batch_size)
         if hasattr(self.dataset, "get_batch"):
             indices = indices.to(self.dataset.device)
-            for start in range(0, len(indices), self.batch_size):
-                yield self.dataset.get_batch(indices[start : start + self.batch_size])
+            for start in starts:
+                self.batch_indices = indices[start : start + self.batch_size]
+                yield self.dataset.get_batch(self.batch_indices)
             return
         if self._loader is None:
             # its own generator: creating the iterator must not consume the global RNG (exact resume)
             self._loader = DataLoader(SeededSamples(self.dataset, self.seed), self.batch_size, sampler=self._sampler,
                                       generator=torch.Generator().manual_seed(self.seed), **self.loader_options)
         self._sampler.epoch, self._sampler.indices = self.epoch, indices.tolist()
-        yield from start_workers(self._loader)
+        for batch, start in zip(start_workers(self._loader), starts):  # the loader first: it runs to its end
+            self.batch_indices = indices[start : start + self.batch_size]
+            yield batch

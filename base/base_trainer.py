@@ -52,6 +52,7 @@ def one_or_named(objects: dict, several=NamedStates):
 class BaseTrainer:
     DEFAULTS = TRAINER  # the trainer keys a config may set; a subclass may add its own
     LOGGED: tuple[str, ...] = ()  # names a subclass's steps log besides loss and metrics (monitor may name them)
+    logger = log  # the run's log (console and train.log), as `self.logger.info(...)` in the classic template
 
     def __init__(self, config, device: torch.device, models: dict, criterion, metric_fns: dict, optimizers: dict,
                  lr_schedulers: dict, run=None):
@@ -153,6 +154,7 @@ class BaseTrainer:
         validated = epoch % self.options["valid_period"] == 0 or epoch == self.epochs
         if validated:
             result.update(self._valid_epoch(epoch))
+        self.on_epoch_end(epoch, result)
         self.epoch, self.batch_in_epoch = epoch, 0
         self._step_schedulers_on_epoch(result)
         result.update(self.learning_rates())
@@ -160,6 +162,28 @@ class BaseTrainer:
         improved, stop = self._monitor(result, validated)
         self._save_epoch(epoch, improved)
         return result, stop
+
+    # ---- hooks: what a subclass (or the loss, or a model) may add to the loop --------------------------
+    def on_epoch_start(self, epoch: int) -> None:
+        """Before the first batch of `epoch` (from 1), and again when a run resumes in the middle of it: set here
+        what follows from the epoch (an annealing weight); don't accumulate. Calls the loss's and the models'
+        `on_epoch_start(epoch)`, where they have one."""
+        for hook in self._hooks("on_epoch_start"):
+            hook(epoch)
+
+    def on_epoch_end(self, epoch: int, result: dict[str, float]) -> None:
+        """After `epoch` trained (and validated: `result` holds its values), once, before its checkpoint, which
+        holds what it changed. Calls the loss's and the models' `on_epoch_end(epoch)`, where they have one."""
+        for hook in self._hooks("on_epoch_end"):
+            hook(epoch)
+
+    def on_batch_end(self, number: int, result: dict) -> None:
+        """After training batch `number` of the epoch (from 0) and its optimizer step; `result` is what
+        train_step returned (tensors: reading a value with .item() waits for the device)."""
+
+    def _hooks(self, name: str) -> list:
+        return [getattr(part, name) for part in (self.criterion, *self.models.values())
+                if callable(getattr(part, name, None))]
 
     def _on_signal(self, signum: int, frame) -> None:
         if self._signal is not None:  # the second Ctrl-C: stop now (temporary files are removed)

@@ -13,8 +13,9 @@ class Deterministic(nn.Module):
     with batch b match one process with batch N*b.
 
     TEST_SIGTERM="<rank>:<n>" in the environment: that rank sends itself SIGTERM in its n-th training
-    forward pass (a preemption that reaches one rank first). TEST_SIGKILL="<rank>:<n>:<marker file>": that
-    rank dies by SIGKILL in its n-th training forward pass, once (the marker file records that it did).
+    forward pass (a preemption that reaches one rank first; the first-batch check's is the first).
+    TEST_SIGKILL="<rank>:<n>:<marker file>": that rank dies by SIGKILL in its n-th training forward pass, once
+    (the marker file records that it did).
     """
 
     def __init__(self, num_classes: int = 10):

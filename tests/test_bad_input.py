@@ -34,6 +34,11 @@ ENV = {"PYTHONPATH": str(ROOT / "tests")}
 CALLS = itertools.count()
 
 
+def detached_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A loss cut off from the graph (a habit: .detach() or a numpy detour): its backward fails."""
+    return F.nll_loss(output, target).detach()
+
+
 def flaky_nll_loss(output: torch.Tensor, target: torch.Tensor, nan_from: int = -1, nan_to: int = -1,
                    nan_grad_at: int = -1) -> torch.Tensor:
     """nll_loss, but NaN on calls [nan_from, nan_to) of this process (training and validation batches
@@ -151,6 +156,9 @@ CONFIGS = {
                                                "drop_last)"]),
     "labels outside the model's classes": ({"arch.args.num_classes": 5},
                                            ["the first training batch fails: IndexError: Target", "is out of bounds"]),
+    "a loss whose backward fails": ({"loss": "test_bad_input.detached_loss"},
+                                    ["the first training batch fails: loss.backward() fails: RuntimeError: element 0 "
+                                     "of tensors does not require grad"]),
     "output and target of other shapes": ({"loss": "MSELoss"},
                                           ["the first training batch fails: RuntimeError: The size of tensor a (10)"]),
     "truncated data file": ({"data_loader.args.data_dir": "{work}/data_cut"},

@@ -275,7 +275,7 @@ def test_the_default_data_fingerprint_is_deterministic_and_says_what_changed(tmp
     assert data_fingerprint(LabelFile(str(tmp_path)), indices) == first  # its images are random
     assert torch.equal(torch.get_rng_state(), generators[0]) and random.getstate() == generators[1]
     assert first.keys() == {"samples", "labels", "items", "split"} and first["samples"] == 40
-    wrapped = data_fingerprint(Transformed(LabelFile(str(tmp_path)), lambda x: x + 1, 0), indices)
+    wrapped = data_fingerprint(Transformed(LabelFile(str(tmp_path)), lambda x: x + 1), indices)
     assert wrapped == first  # what a wrapper holds counts, read before its transform
     (tmp_path / "labels.txt").write_text(" ".join(["9", *(str(i % 10) for i in range(1, 40))]))  # was 0
     other = data_fingerprint(LabelFile(str(tmp_path)), indices)

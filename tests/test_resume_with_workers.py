@@ -11,13 +11,13 @@ ENV = {"OMP_NUM_THREADS": "1"}
 STEPS_PER_EPOCH = 14  # 256 samples less 32 for validation, batches of 16
 
 
-def config(folder, source: str, num_workers: int, persistent: bool):
+def config(folder, source: str, num_workers: int, persistent: bool, overrides: dict | None = None):
     folder.mkdir()
     loader = {"type": "tests.noisy_data.NoisyDataLoader",
               "args": {"source": source, "batch_size": 16, "validation_split": 32, "num_workers": num_workers,
                        "persistent_workers": persistent}}
     return make_config(folder, "", {"data_loader": loader, "arch.type": "tests.models.Deterministic",
-                                    "trainer.epochs": 3, "trainer.monitor": "min val_loss"})
+                                    "trainer.epochs": 3, "trainer.monitor": "min val_loss", **(overrides or {})})
 
 
 def train(*args, env: dict | None = None, code: int = 0):
@@ -25,16 +25,20 @@ def train(*args, env: dict | None = None, code: int = 0):
     assert result.returncode == code, result.stderr[-2000:]
 
 
-def assert_same_state(a: dict, b: dict, where: str = "") -> None:
+def assert_same_state(a, b, where: str = "") -> None:
     """Every entry but the generator states (which differ by design: see the module docstring) and the config."""
-    assert a.keys() == b.keys(), where
-    for key in a.keys() - {"rng", "config"}:
-        if isinstance(a[key], dict):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a.keys() - {"rng", "config"}:
             assert_same_state(a[key], b[key], f"{where}.{key}")
-        elif isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), f"{where}.{key} differs"
-        else:
-            assert a[key] == b[key], f"{where}.{key}: {a[key]!r} != {b[key]!r}"
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.mark.parametrize("source", ["torch", "random", "numpy"])
@@ -45,9 +49,10 @@ def test_stopped_and_resumed_equals_never_stopped_with_any_workers(tmp_path, sou
     expected = torch.load(reference / "latest.pth", weights_only=True)
     for num_workers, persistent, stop in ((0, False, "sigterm"), (2, False, "sigterm"), (2, True, "epoch")):
         folder = tmp_path / f"{num_workers}-{persistent}"
-        if stop == "sigterm":  # in the 6th step of epoch 2 (the checkpoint is taken after the step)
+        if stop == "sigterm":  # in the 6th step of epoch 2 (the checkpoint is taken after the step; the first-batch
+            # check's training forward is call 1)
             train("-c", config(folder, source, num_workers, persistent),
-                  env={"TEST_SIGTERM": f"0:{STEPS_PER_EPOCH + 6}"}, code=128 + 15)
+                  env={"TEST_SIGTERM": f"0:{STEPS_PER_EPOCH + 7}"}, code=128 + 15)
         else:
             train("-c", config(folder, source, num_workers, persistent), "--epochs", "2")
         (run_dir,) = run_dirs(folder / "saved")
@@ -56,3 +61,21 @@ def test_stopped_and_resumed_equals_never_stopped_with_any_workers(tmp_path, sou
         train("-r", run_dir, "--epochs", "3", "--trust-config")  # tests.noisy_data
         assert_same_state(torch.load(run_dir / "latest.pth", weights_only=True), expected,
                           f"num_workers {num_workers}, persistent {persistent}, stopped at {stop}")
+
+
+def test_a_loss_with_sample_indices_the_epoch_and_epoch_hooks_resumes_exactly(tmp_path):
+    """tests/hooked.py's loss: its per-sample estimates (updated in every training step, by index), its annealed
+    weight (set by on_epoch_start, also when a run resumes mid-epoch) and its epoch count (on_epoch_end) give the
+    never-stopped checkpoint after a SIGTERM in epoch 2 and a resume, with two workers."""
+    loss = {"loss": {"type": "tests.hooked.EstimateLoss", "args": {"num_samples": 256}}}
+    train("-c", config(tmp_path / "straight", "torch", 2, False, loss))
+    (reference,) = run_dirs(tmp_path / "straight" / "saved")
+    expected = torch.load(reference / "latest.pth", weights_only=True)
+    train("-c", config(tmp_path / "stopped", "torch", 2, False, loss), env={"TEST_SIGTERM": f"0:{STEPS_PER_EPOCH + 7}"},
+          code=128 + 15)
+    (run_dir,) = run_dirs(tmp_path / "stopped" / "saved")
+    train("-r", run_dir, "--trust-config")  # tests.hooked
+    resumed = torch.load(run_dir / "latest.pth", weights_only=True)
+    assert_same_state(resumed, expected)
+    assert resumed["criterion"]["epochs_done"] == 3
+    assert int((resumed["criterion"]["estimate"].sum(1) > 0).sum()) == 224  # every training sample, by its index

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import torch
 
 from utils import dist
+from utils.errors import UserError, one_line
 
 
 class OptimStep:
@@ -25,6 +26,7 @@ class OptimStep:
         amp = options["amp"] != "off"  # backward runs outside autocast; without AMP no context at all (cheaper)
         self.outside_autocast = functools.partial(torch.autocast, device.type, enabled=False) if amp else nullcontext
         self.stepping, self.group, self.called, self.skipped = True, 1, False, False
+        self.rehearsal = False  # the first-batch check: backward only, nothing stepped or scaled
 
     def begin(self, number: int, n_batches: int) -> bool:
         """Micro-batch `number` (from 0) of an epoch of `n_batches`: whether it ends an accumulation group,
@@ -36,6 +38,13 @@ class OptimStep:
 
     def __call__(self, loss: torch.Tensor, name: str = "model") -> None:
         self.called = True
+        if self.rehearsal:
+            try:
+                loss.backward(inputs=None if name == "model" else self.params[name])
+            except RuntimeError as e:
+                of = "" if name == "model" else f" (optimizer {name})"
+                raise UserError(f"loss.backward() fails{of}: {type(e).__name__}: {one_line(e)[:300]}") from None
+            return
         if self.skip_nonfinite and self.nonfinite(loss):
             return
         with self.outside_autocast():

@@ -2,6 +2,7 @@
 what a step computes (README: "Custom training steps"); the loop stays this one."""
 
 import contextlib
+import copy
 import inspect
 import itertools
 import logging
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from base.base_trainer import BaseTrainer, Interrupted
+from config.schema import signature_params
 from trainer.optim_step import OptimStep
 from utils import dist
 from utils.errors import TrainingError, UserError, one_line
@@ -20,6 +22,7 @@ from utils.profiler import profiled
 
 log = logging.getLogger("train")
 NOT_LOGGED = ("output", "target")  # what a step returns for the metrics, not as a value of its own
+LOSS_INPUTS = ("indices", "epoch")  # what a loss may ask for by name, besides (output, target)
 
 
 def to_device(batch, device: torch.device, memory_format=torch.preserve_format):
@@ -194,6 +197,9 @@ class Trainer(BaseTrainer):
         self.optim_step = OptimStep(self.optimizers, self.scaler, self.options, device)
         self.optimize = self.optim_step  # the name steps written before the step object use
         self.skipped_steps = 0  # on_nonfinite: skip, in this epoch
+        forward = criterion.forward if isinstance(criterion, torch.nn.Module) else criterion
+        self.loss_asks = [name for name in LOSS_INPUTS if name in signature_params(forward)]
+        self.loss_inputs: dict = {}  # given to the criterion with each batch (compute_loss)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model as the training steps call it: compiled and/or in DDP (its state is saved unwrapped)."""
@@ -225,9 +231,10 @@ class Trainer(BaseTrainer):
                 "classes": list(getattr(self.data_loader, "classes", [])), "data_values": self.config.data_values}
 
     def check_first_batches(self) -> None:
-        """One training and one validation batch through valid_step and the metrics before the run starts, so
-        that wrong shapes, labels out of range and damaged data fail in one line before anything is written.
-        Nothing learns (evaluation mode, no gradients) and every random generator is restored afterwards."""
+        """The first training batch through the real training step (train_step, the metrics, the loss's backward;
+        no optimizer update) and the first validation batch through valid_step, before the run starts: wrong
+        shapes, labels out of range, a backward that fails and damaged data stop in one line before anything is
+        written. Nothing changes: the models' and the loss's states, the gradients and every generator are put back."""
         source = self.config.source
         if self.valid_data_loader is None and self.monitor_key.startswith("val_"):
             raise UserError(f"{source}: trainer.monitor: '{self.monitor_key}' needs validation data, and the data "
@@ -237,10 +244,33 @@ class Trainer(BaseTrainer):
             if loader is not None and len(loader) == 0:
                 raise UserError(f"{source}: data_loader: the {split} data give no batch ({loader.n_samples} samples, "
                                 f"batch_size {loader.batch_size}{', drop_last' if loader.drop_last else ''})")
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
-                    warnings.catch_warnings(action="ignore"), failing_batch(f"{source}: the first {split} batch fails"):
-                if loader is not None:
-                    self.evaluate(itertools.islice(loader.batches(), 1))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                warnings.catch_warnings(action="ignore"):
+            with failing_batch(f"{source}: the first training batch fails"):
+                self._rehearse(next(self.data_loader.batches()))
+            if self.valid_data_loader is not None:
+                with failing_batch(f"{source}: the first validation batch fails"):
+                    self.evaluate(self.valid_data_loader, max_batches=1)
+
+    def _rehearse(self, batch) -> None:
+        """train_step and the backward of its loss on `batch`, then every state as it was and no gradient."""
+        parts = [*self.models.values(), *([self.criterion] if isinstance(self.criterion, torch.nn.Module) else [])]
+        states = [copy.deepcopy(part.state_dict()) for part in parts]  # batch norm statistics, a loss's buffers
+        self.optim_step.begin(0, 1)
+        self.optim_step.rehearsal = True
+        try:
+            self.train_mode(True)
+            self._loss_inputs(self.data_loader)
+            with autocast(self.device, self.options["amp"]):
+                result = self.train_step(to_device(batch, self.device, self.memory_format))
+            MetricTracker(self.metric_fns, self.device, f"{type(self).__name__}.train_step").start(result)
+            if not self.optim_step.called:
+                self.optim_step(result["loss"])
+        finally:
+            self.optim_step.rehearsal = False
+            for part, state in zip(parts, states):
+                part.zero_grad(set_to_none=True)
+                part.load_state_dict(state)
 
     # ---- the steps: what a subclass overrides --------------------------------------------------------------
     def train_step(self, batch) -> dict:
@@ -254,8 +284,9 @@ class Trainer(BaseTrainer):
         return self.compute_loss(self.model(data), target)  # the plain module: no DDP buffer sync in evaluation
 
     def compute_loss(self, output, target) -> dict:
-        """The criterion as a step's result; a criterion that returns a mapping of parts has them logged."""
-        value = self.criterion(output, target)
+        """The criterion as a step's result; a criterion that returns a mapping of parts has them logged. A
+        criterion that takes `indices` (the batch's dataset indices) or `epoch` by name is given them."""
+        value = self.criterion(output, target, **self.loss_inputs)
         return {**(value if isinstance(value, Mapping) else {"loss": value}), "output": output, "target": target}
 
     # ---- one epoch: move the batch, step, maybe finish the optimizer step, maybe the interval work -----------
@@ -273,6 +304,7 @@ class Trainer(BaseTrainer):
             if result is None:  # on_nonfinite: skip
                 continue
             self.train_metrics.update(result, samples_in(result, batch))
+            self.on_batch_end(batch_idx, result)
             if self.optim_step.stepping:
                 self.batch_in_epoch = batch_idx + 1
                 self._after_step(epoch, bar, last)
@@ -288,6 +320,7 @@ class Trainer(BaseTrainer):
         self.train_metrics.mark(skip)
         self.skipped_steps = 0
         self.data_loader.set_epoch(epoch)
+        self.on_epoch_start(epoch)
         self._log_images(epoch)
         return skip, self.options["len_epoch"] or len(self.data_loader)
 
@@ -310,6 +343,8 @@ class Trainer(BaseTrainer):
         """Micro-batch `number` of `n_batches` (on the device): train_step under autocast, `optim_step` with its loss
         unless the step called it, the scheduled work of a micro-batch that steps. None: skipped (on_nonfinite)."""
         stepping = self.optim_step.begin(number, n_batches)
+        if self.loss_asks:
+            self._loss_inputs(self.data_loader)
         with self._grad_sync(stepping):
             with autocast(self.device, self.options["amp"]):
                 result = self.train_step(batch)
@@ -332,6 +367,13 @@ class Trainer(BaseTrainer):
                     scheduler.step()
             self.global_step += 1
         return result
+
+    def _loss_inputs(self, loader) -> None:
+        """What the criterion asks for (loss_asks) of `loader`'s batch last given."""
+        if "indices" in self.loss_asks:
+            self.loss_inputs["indices"] = loader.batch_indices.to(self.device, non_blocking=True)
+        if "epoch" in self.loss_asks:
+            self.loss_inputs["epoch"] = self.epoch + 1  # the epoch being trained, or validated
 
     def _after_step(self, epoch: int, bar, last: bool) -> None:
         """Every log_step optimizer steps (and at the epoch's end): the NaN/Inf check and the logs; then a
@@ -381,12 +423,14 @@ class Trainer(BaseTrainer):
 
     # ---- evaluation ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, loader, progress=None) -> dict[str, float]:
-        """Sample-weighted averages of what valid_step returns over `loader`, reduced over ranks.
-        Validation and test.py both use this."""
+    def evaluate(self, loader, progress=None, max_batches: int | None = None) -> dict[str, float]:
+        """Sample-weighted averages of what valid_step returns over `loader` (its first `max_batches`), reduced
+        over ranks. Validation and test.py both use this."""
         self.train_mode(False)
         tracker = MetricTracker(self.metric_fns, self.device, f"{type(self).__name__}.valid_step")
-        for batch in loader:
+        for batch in itertools.islice(loader, max_batches):
+            if self.loss_asks:
+                self._loss_inputs(loader)
             batch = to_device(batch, self.device)
             with autocast(self.device, self.options["amp"]):
                 result = self.valid_step(batch)
