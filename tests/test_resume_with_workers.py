@@ -4,7 +4,9 @@ middle of one and resuming gives the checkpoint of a run never stopped, for any 
 
 import pytest
 import torch
+from torch.utils.data import IterableDataset
 
+from base import BaseDataLoader
 from conftest import make_config, run, run_dirs
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -79,3 +81,13 @@ def test_a_loss_with_sample_indices_the_epoch_and_epoch_hooks_resumes_exactly(tm
     assert_same_state(resumed, expected)
     assert resumed["criterion"]["epochs_done"] == 3
     assert int((resumed["criterion"]["estimate"].sum(1) > 0).sum()) == 224  # every training sample, by its index
+
+
+def test_an_iterable_dataset_is_refused_in_one_line():
+    """Its order is its own state: no exact resume, so no silent difference either."""
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(range(4))
+
+    with pytest.raises(ValueError, match="Stream is an IterableDataset: give a map-style Dataset"):
+        BaseDataLoader(Stream(), batch_size=2)
