@@ -98,6 +98,10 @@ def log_start(trainer, run: Run, request: Request) -> None:
                  trainer.batch_in_epoch, trainer.global_step, run.dir)
         for line in run.changes:
             log.warning("Config changed since the checkpoint: %s", line)
+        if trainer.monitor_changed:
+            log.warning("trainer.monitor changed since the checkpoint (%s -> %s): its best value and early-stop count "
+                        "start afresh: the best checkpoint follows the new one", trainer.monitor_changed,
+                        trainer.options["monitor"])
         if run.data_changes:
             log.warning("The training data differ from the checkpoint's (%s): the resume is not exact",
                         ", ".join(run.data_changes))

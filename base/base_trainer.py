@@ -72,6 +72,7 @@ class BaseTrainer:
         self.monitor_mode, _, self.monitor_key = self.options["monitor"].partition(" ")
         self.monitor_best = {"min": math.inf, "max": -math.inf}.get(self.monitor_mode, math.nan)
         self.not_improved_count = 0
+        self.monitor_changed: str | None = None  # a resume's checkpoint monitor, when another (log_start says so)
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0  # completed epochs; batches into the next
         self._signal, self.last_save = None, time.monotonic()
         self.writer = None  # TensorBoard, opened in train(): resume must set the global step first
@@ -91,20 +92,25 @@ class BaseTrainer:
             "arch": ", ".join(spec["type"] for spec in self.config.entries("arch").values()),
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
             **{key: None if obj is None else obj.state_dict() for key, obj in self.stateful().items()},
-            "monitor_best": self.monitor_best, "not_improved_count": self.not_improved_count,
+            "monitor": self.options["monitor"], "monitor_best": self.monitor_best,
+            "not_improved_count": self.not_improved_count,
             "rng": dist.gather_objects(checkpoint.rng_state()),  # one entry per rank
             "config": self.config.config,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """The inverse of `state_dict`. A checkpoint without the model or optimizer is a KeyError; another
-        entry it lacks or saved empty (a scheduler or an fp16 scaler added since) keeps its fresh state."""
+        entry it lacks or saved empty (a scheduler or an fp16 scaler added since) keeps its fresh state. The best
+        value and early-stop count start afresh when the checkpoint's monitor is another (older ones: taken as this)."""
         for key, obj in self.stateful().items():
             if obj is not None and (key in ("model", "optimizer") or state.get(key)):
                 obj.load_state_dict(state[key])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step = state["global_step"]
-        self.monitor_best, self.not_improved_count = state["monitor_best"], state["not_improved_count"]
+        if state.get("monitor", self.options["monitor"]) == self.options["monitor"]:
+            self.monitor_best, self.not_improved_count = state["monitor_best"], state["not_improved_count"]
+        else:
+            self.monitor_changed = state["monitor"]
         rngs = state["rng"]  # one per rank
         if len(rngs) == dist.world_size():
             checkpoint.set_rng_state(rngs[dist.rank()])
@@ -156,8 +162,8 @@ class BaseTrainer:
             result.update(self._valid_epoch(epoch))
         self.on_epoch_end(epoch, result)
         self.epoch, self.batch_in_epoch = epoch, 0
+        result.update(self.learning_rates())  # the epoch's own, before the epoch schedulers step
         self._step_schedulers_on_epoch(result)
-        result.update(self.learning_rates())
         self._log_epoch(epoch, result, time.perf_counter() - started)
         improved, stop = self._monitor(result, validated)
         self._save_epoch(epoch, improved)

@@ -21,8 +21,9 @@ import torch
 from base.base_trainer import Interrupted
 from config.parser import ConfigParser
 from conftest import ROOT, make_config, run, run_dirs
+from model import metric
 from runs.run import Run, load_newest, newest_run
-from trainer.trainer import Trainer
+from trainer.trainer import MetricTracker, Trainer
 from utils import checkpoint
 from utils.errors import TrainingError, UserError
 
@@ -263,6 +264,29 @@ def test_run_state_round_trips_through_a_safe_load(tmp_path, tiny_mnist, one_thr
     fresh = make_trainer(tmp_path / "b", config)
     fresh.load_state_dict(loaded)
     assert_same_state(fresh.state_dict(), state)
+
+
+def test_a_mid_epoch_resume_takes_the_running_sums_by_name():
+    result = {"loss": torch.tensor(0.5), "output": torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]]),
+              "target": torch.tensor([0, 0])}  # accuracy 0.5, top-3 accuracy 1
+    saved = MetricTracker({"accuracy": metric.accuracy, "top_k_acc": metric.top_k_acc}, torch.device("cpu"))
+    saved.update(result, 2)
+    fewer = MetricTracker({"top_k_acc": metric.top_k_acc}, torch.device("cpu"))
+    fewer.load_state_dict(saved.state_dict())
+    fewer.update(result, 2)
+    assert fewer.result() == {"loss": 0.5, "top_k_acc": 1.0}
+
+
+def test_a_mid_epoch_resume_with_a_new_metric_is_refused_before_training(tmp_path, tiny_mnist, one_thread):
+    options = {"data_loader.args.batch_size": 128, "trainer.epochs": 1, "trainer.tensorboard": False}
+    trainer = make_trainer(tmp_path / "a", make_config(tmp_path, tiny_mnist, options))
+    trainer.train()
+    state = {**trainer.state_dict(), "batch_in_epoch": 3}  # as if saved in the middle of epoch 2
+    more = make_config(tmp_path, tiny_mnist, {**options, "metrics": ["accuracy", "top_k_acc"]}, "more.json")
+    resumed = make_trainer(tmp_path / "b", more)
+    resumed.load_state_dict(state)
+    with pytest.raises(UserError, match="middle of an epoch and has no running sum of top_k_acc: resume from an"):
+        resumed.check_first_batches()
 
 
 def test_signal_during_validation_stops_after_that_epochs_checkpoint(tmp_path, tiny_mnist, one_thread):

@@ -121,6 +121,34 @@ def test_metrics_csv_after_stop_and_resume_equals_the_uninterrupted_runs(tmp_pat
     assert (run_dir / "metrics.csv").read_text() == (reference / "metrics.csv").read_text()
 
 
+def test_a_resume_with_more_metrics_writes_each_value_under_its_own_name(tmp_path, tiny_mnist):
+    """Epochs 1-2 with accuracy, epoch 3 with top_k_acc too: every value equals a run with both from the start
+    (metrics do not change training), the new columns empty before epoch 3; each lr is the epoch's own."""
+    steplr = {"lr_scheduler": {"type": "StepLR", "args": {"step_size": 1, "gamma": 0.5}}}
+    assert run("train.py", "-c", make_config(tmp_path, tiny_mnist, steplr)).returncode == 0
+    (run_dir,) = run_dirs(tmp_path / "saved")
+    resumed = run("train.py", "-r", run_dir, "--epochs", "3", "--set", "metrics=[accuracy,top_k_acc]")
+    assert resumed.returncode == 0, resumed.stderr
+    both = {**steplr, "name": "both", "metrics": ["accuracy", "top_k_acc"], "trainer.epochs": 3}
+    assert run("train.py", "-c", make_config(tmp_path, tiny_mnist, both, "both.json")).returncode == 0
+    (straight,) = run_dirs(tmp_path / "saved", "both")
+    table, expected = rows(run_dir / "metrics.csv"), rows(straight / "metrics.csv")
+    for epoch, (row, same) in enumerate(zip(table, expected, strict=True), start=1):
+        blank = {"top_k_acc", "val_top_k_acc"} if epoch < 3 else set()
+        assert row == {key: "" if key in blank else value for key, value in same.items()}
+    assert [row["lr"] for row in table] == ["0.002", "0.001", "0.0005"]
+
+
+def test_a_resume_with_another_monitor_starts_its_best_afresh(tmp_path, reference):
+    run_dir = shutil.copytree(reference, tmp_path / "run")
+    result = run("train.py", "-r", run_dir, "--epochs", "3", "--set", "trainer.monitor=max val_accuracy")
+    assert result.returncode == 0, result.stderr
+    assert "trainer.monitor changed since the checkpoint (min val_loss -> max val_accuracy)" in result.stdout
+    latest, best = (checkpoint.load(run_dir / name) for name in ("latest.pth", "model_best.pth"))
+    assert latest["monitor"] == "max val_accuracy" and latest["not_improved_count"] == 0 and best["epoch"] == 3
+    assert latest["monitor_best"] == float(rows(run_dir / "metrics.csv")[2]["val_accuracy"])
+
+
 def test_an_epoch_trained_again_after_an_interruption_is_written_once(tmp_path, reference):
     """Epoch 2 was logged but its checkpoints are lost: the resume trains it again; one row, the same."""
     run_dir = shutil.copytree(reference, tmp_path / "run")

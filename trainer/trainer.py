@@ -84,15 +84,18 @@ def failing_batch(what: str):
 class MetricTracker:
     """Sample-weighted sums, on the device, of what steps return: 'loss', the other scalar values, and each
     metric of (output, target); and the losses of the batches since the last NaN/Inf check. The names are
-    fixed by the first batch, which is checked. `result()` is the only host sync; under DDP it sums over
-    ranks, so every rank sees the global average."""
+    fixed by the first batch, which is checked (and takes a mid-epoch checkpoint's sums by name). `result()` is
+    the only host sync; under DDP it sums over ranks, so every rank sees the global average."""
 
     def __init__(self, metric_fns: dict[str, Callable], device: torch.device, step: str = "step"):
         self.metric_fns, self.device, self.step = metric_fns, device, step
         self.names: list[str] | None = None
+        self.keys: list[str] | None = None  # the step's own values; None until a batch fixes them
         self.reset()
 
     def reset(self) -> None:
+        if self.keys is None:  # names of a checkpoint: a new epoch takes the next batch's
+            self.names = None
         self.sums = torch.zeros(len(self.names or ()), device=self.device)
         self.count = 0  # samples, known on the host: no sync
         self.mark(0)
@@ -117,12 +120,20 @@ class MetricTracker:
                 who = f"metric '{name}'" if name in self.metric_fns else f"{self.step}['{name}']"
                 raise UserError(f"{who} returned {describe(value)}, not a scalar tensor (keep it a tensor: no .item())")
         self.keys = ["loss", *(key for key in values if key != "loss" and key not in self.metric_fns)]
-        self.names = [*self.keys, *self.metric_fns]
-        self.sums = torch.zeros(len(self.names), device=self.device)
+        names = [*self.keys, *self.metric_fns]
+        if self.names is None:
+            self.sums = torch.zeros(len(names), device=self.device)
+        else:  # a mid-epoch checkpoint's running sums, by the names they were saved with
+            missing = [name for name in names if name not in self.names]
+            if missing:
+                raise UserError(f"the checkpoint is from the middle of an epoch and has no running sum of "
+                                f"{', '.join(missing)}: resume from an epoch-end checkpoint or keep the metrics")
+            self.sums = self.sums[[self.names.index(name) for name in names]]
+        self.names = names
         self.logged = (self.sums.clone(), self.count)
 
     def update(self, result: Mapping, n: int) -> None:
-        if self.names is None:
+        if self.keys is None:
             self.start(result)
         values = [result[key].detach().float() for key in self.keys]
         if self.metric_fns:
@@ -163,10 +174,11 @@ class MetricTracker:
 
     def load_state_dict(self, state: dict) -> None:
         """On as many ranks each takes its own sums back, so the epoch's totals are added up in the order of a run
-        never stopped; on another number, rank 0 takes all and the others zeros, so `result()` counts them once."""
+        never stopped; on another number, rank 0 takes all and the others zeros, so `result()` counts them once.
+        The names stay the checkpoint's until the next batch's `start` takes the sums by name."""
         self.names = state.get("names") or ["loss", *self.metric_fns]  # checkpoints before names were saved
-        self.keys = self.names[: len(self.names) - len(self.metric_fns)]
-        self.reset()
+        self.keys = None
+        self.sums, self.count = torch.zeros(len(self.names), device=self.device), 0
         ranks = state.get("ranks") or [state]  # checkpoints before every rank's sums were saved: the total
         if len(ranks) == dist.world_size():
             self.sums, self.count = ranks[dist.rank()]["sums"].to(self.device), ranks[dist.rank()]["count"]
@@ -263,7 +275,8 @@ class Trainer(BaseTrainer):
             self._loss_inputs(self.data_loader)
             with autocast(self.device, self.options["amp"]):
                 result = self.train_step(to_device(batch, self.device, self.memory_format))
-            MetricTracker(self.metric_fns, self.device, f"{type(self).__name__}.train_step").start(result)
+            fresh = MetricTracker(self.metric_fns, self.device, self.train_metrics.step)
+            (copy.copy(self.train_metrics) if self.batch_in_epoch else fresh).start(result)  # mid-epoch: sums by name
             if not self.optim_step.called:
                 self.optim_step(result["loss"])
         finally:
@@ -348,7 +361,7 @@ class Trainer(BaseTrainer):
         with self._grad_sync(stepping):
             with autocast(self.device, self.options["amp"]):
                 result = self.train_step(batch)
-            if self.train_metrics.names is None:
+            if self.train_metrics.keys is None:
                 self.train_metrics.start(result)  # the first batch: a step that returns the wrong kind stops here
             if not self.optim_step.called:
                 self.optim_step(result["loss"])
