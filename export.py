@@ -7,6 +7,9 @@ The input shape is that of a batch of the data loader's test split (the batch si
 written to a temporary name, loaded back and run on that batch and on its first sample; it replaces -o only
 when its outputs match the model's within 1e-4. ONNX needs requirements-export.txt."""
 
+import utils.python_version  # noqa: F401 - first: an older Python stops here, in one line
+
+# isort: split
 import os
 import warnings
 from pathlib import Path
@@ -14,6 +17,7 @@ from pathlib import Path
 import torch
 
 from predict import load_model
+from runs.run import CHECKPOINT_HELP
 from trainer.trainer import data_and_target
 from utils.checkpoint import TMP_MARK
 from utils.cli import ArgumentParser, add_common_arguments, run_main
@@ -24,7 +28,7 @@ TOLERANCE = 1e-4  # the largest absolute difference from the PyTorch model's out
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-r", "--resume", required=True, help="checkpoint file")
+    parser.add_argument("-r", "--resume", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--format", required=True, choices=list(FORMATS), help="the kind of file to write")
     parser.add_argument("-o", "--output", help="file to write (default: the checkpoint's, with the format's suffix)")
     add_common_arguments(parser)
@@ -70,7 +74,7 @@ def main(argv=None) -> int:
     config, device = run.config, run.device
     batch = next(iter(config.build_data_loader(device, test=True)), None)
     if batch is None:
-        raise UserError(f"{args.resume}: its test split is empty: no sample batch to trace the model with")
+        raise UserError(f"{run.resumed_from}: its test split is empty: no sample batch to trace the model with")
     sample = data_and_target(batch, "export.py")[0].to(device)
     with torch.no_grad():
         output = model(sample)
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
         raise UserError(f"{config['arch']['type']} returns {type(output).__name__}: export.py takes a model that "
                         "returns one tensor")
     suffix, write = FORMATS[args.format]
-    out = Path(args.output or Path(args.resume).with_suffix(suffix))
+    out = Path(args.output or run.resumed_from.with_suffix(suffix))
     if not out.parent.is_dir():
         raise UserError(f"-o {out}: no such folder {out.parent}")
     tmp = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}{suffix}")  # never a half-written or unchecked `out`

@@ -10,6 +10,9 @@ loss passes 4x its minimum. The suggestion is where the smoothed loss falls fast
 no run directory is made; the curve goes to --out (lr_find.csv, TensorBoard), by default a temporary folder.
 """
 
+import utils.python_version  # noqa: F401 - first: an older Python stops here, in one line
+
+# isort: split
 import csv
 import io
 import itertools

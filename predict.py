@@ -4,6 +4,9 @@
     python predict.py -r saved/mnist/<run_id>/model_best.pth                     # the test split: index, target, ...
 """
 
+import utils.python_version  # noqa: F401 - first: an older Python stops here, in one line
+
+# isort: split
 import csv
 import io
 from collections.abc import Iterator
@@ -13,7 +16,7 @@ import torch
 
 from data_loader.data_loaders import image_files
 from logger import progress_bar
-from runs.run import Run, open_checkpoint
+from runs.run import CHECKPOINT_HELP, Run, open_checkpoint
 from trainer.trainer import data_and_target
 from utils import checkpoint
 from utils.cli import ArgumentParser, add_common_arguments, request_of, run_main
@@ -22,7 +25,7 @@ from utils.errors import UserError
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-r", "--resume", required=True, help="checkpoint file")
+    parser.add_argument("-r", "--resume", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("inputs", nargs="*", help="image files or folders (default: the test split)")
     parser.add_argument("-o", "--output", help="CSV file (default: <checkpoint>-predictions.csv)")
     parser.add_argument("--topk", type=int, default=5, help="classes listed per input (default 5)")
@@ -34,10 +37,10 @@ def load_model(args) -> tuple[Run, torch.nn.Module]:
     """The run of the checkpoint (its config as test.py reads it: data unless --trust-config) and its model
     in eval mode, the weights as saved (unwrapped even from DDP or compile)."""
     run = open_checkpoint(request_of(args))
-    models = run.config.build_named("arch")
+    path, models = run.resumed_from, run.config.build_named("arch")
     if models.keys() != {"model"}:
-        raise UserError(f"{args.resume}: arch has {len(models)} models ({', '.join(models)}); this script takes one")
-    checkpoint.load_model_weights(models["model"], run.state["model"], args.resume)
+        raise UserError(f"{path}: arch has {len(models)} models ({', '.join(models)}); this script takes one")
+    checkpoint.load_model_weights(models["model"], run.state["model"], str(path))
     return run, models["model"].to(run.device).eval()
 
 
@@ -93,10 +96,10 @@ def main(argv=None) -> int:
     run, model = load_model(args)
     keys, stream = batches(args, run.config, run.device)
     if not keys:
-        raise UserError(f"{args.resume}: its test split is empty: nothing to predict")
+        raise UserError(f"{run.resumed_from}: its test split is empty: nothing to predict")
     with progress_bar(len(keys), "predict") as bar:
         probs, classes, labels = predict(model, stream, run.device, args.topk, bar)
-    out = Path(args.output or Path(args.resume).with_name(f"{Path(args.resume).stem}-predictions.csv"))
+    out = Path(args.output or run.resumed_from.with_name(f"{run.resumed_from.stem}-predictions.csv"))
     text = csv_text(keys, probs, classes, labels, run.state.get("classes", []), args.topk)
     checkpoint.save_atomic(text.encode(), out, "predictions")
     if labels:

@@ -9,6 +9,9 @@
 A run's path: a Request (utils/cli.py) -> a Run (runs/run.py) -> its trainer (config/parser.py) -> train.
 """
 
+import utils.python_version  # noqa: F401 - first: an older Python stops here, in one line
+
+# isort: split
 import gc
 import logging
 import sys

@@ -16,7 +16,6 @@ from utils.suggest import suggest
 # Bounds on what a config may hold: a file larger, or nested deeper, or with more values (a YAML alias
 # counts each time it is used) is refused before anything reads it further.
 MAX_BYTES, MAX_DEPTH, MAX_VALUES = 1_000_000, 32, 10_000
-NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def load_file(path: str | Path) -> dict:
@@ -59,7 +58,9 @@ def parse_json(text: str, path: Path) -> Any:
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently), and reading
+    1e-3 as a float: YAML 1.1's floats need a dot, YAML 1.2's do not (https://github.com/yaml/pyyaml/issues/173).
+    off/on/yes/no stay booleans, as YAML 1.1 says."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -71,6 +72,15 @@ class UniqueKeyLoader(yaml.SafeLoader):
                                 "is given twice in one mapping")
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+    [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
 
 
 def parse_yaml(text: str, path: Path) -> Any:
@@ -116,8 +126,6 @@ def parse_override(expr: str) -> tuple[list[str], Any]:
     except RecursionError:
         raise UserError(f"--set {key}: nested more than {MAX_DEPTH} levels deep") from None
     check_bounds(value, f"--set {key}")
-    if isinstance(value, str) and NUMBER.fullmatch(raw.strip()):
-        value = float(raw)  # YAML 1.1 reads 1e-3 as a string; on a command line it means a number
     return key.split("."), value
 
 

@@ -4,6 +4,7 @@ files written and tidied. No other file decides anything about resuming.
 
     <save_dir>/<name>/<YYYYmmdd-HHMMSS>[-N]/   config.json  train.log  metrics.csv  tensorboard/  run.lock
                                                latest.pth  model_best.pth  checkpoint-epoch<N>.pth
+                                               test-results.jsonl
 """
 
 import contextlib
@@ -33,6 +34,8 @@ from utils.seed import seed_everything
 
 log = logging.getLogger("train")
 LATEST, BEST, LOCK = "latest.pth", "model_best.pth", "run.lock"
+CHECKPOINT_HELP = f"checkpoint file, or run directory (its {BEST}, else {LATEST})"  # -r of test, predict, export
+TEST_RESULTS = "test-results.jsonl"  # test.py appends one line per evaluation of a checkpoint in the folder
 PERIODIC = re.compile(r"checkpoint-epoch(\d+)\.pth")  # not 'checkpoint-epoch1 (copy).pth'
 RUN_ID = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")  # <YYYYmmdd-HHMMSS>[-N], as new runs are named
 
@@ -147,12 +150,26 @@ def open_run(request: Request) -> Run:
 
 
 def open_checkpoint(request: Request) -> Run:
-    """test.py, predict.py and export.py: the checkpoint file of -r and its config, to evaluate (never trained)."""
-    path = Path(request.resume)
+    """test.py, predict.py and export.py: the checkpoint of -r (a file, or a run directory's best) and its config,
+    to evaluate (never trained)."""
+    path = checkpoint_to_evaluate(Path(request.resume))
     state = checkpoint.load(path)
     config = load_config(request, path, state)
     config.data_values.update(state.get("data_values", {}))  # the model is built as training built it
-    return Run(config, start_process(config, request), None, path, state)
+    device = start_process(config, request)
+    if path != Path(request.resume) and dist.is_main():
+        print(f"{request.resume}: using {path.name}")
+    return Run(config, device, None, path, state)
+
+
+def checkpoint_to_evaluate(path: Path) -> Path:
+    """A checkpoint file as it is; of a run directory, model_best.pth, else latest.pth (monitoring off)."""
+    if not path.is_dir():
+        return path
+    for name in (BEST, LATEST):
+        if (path / name).is_file():
+            return path / name
+    raise UserError(f"{path}: no {BEST} or {LATEST} in this run directory")
 
 
 def saved_section(state: dict, key: str, path: Path) -> Any:

@@ -85,6 +85,11 @@ def run(script: str, *args: str, timeout: float = 300, env: dict | None = None) 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def read_test_results(folder: Path) -> list[dict]:
+    """test.py's results for the checkpoints in `folder`, oldest first."""
+    return [json.loads(line) for line in (folder / "test-results.jsonl").read_text().splitlines()]
+
+
 def run_dirs(save_dir: Path, name: str = "tiny") -> list[Path]:
     """Run directories of config `name`, oldest first."""
     return sorted(p for p in (Path(save_dir) / name).glob("*") if p.is_dir())

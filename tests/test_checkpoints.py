@@ -186,6 +186,7 @@ def test_unwritable_checkpoint_stops_the_run_and_keeps_earlier_ones(tmp_path, re
     assert not leftovers(run_dir)
 
 
+@pytest.mark.quick
 def test_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     target = tmp_path / "latest.pth"
     checkpoint.save_atomic(b"old", target)
@@ -200,6 +201,7 @@ def test_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
 
 
 # ---- safe loading -----------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_pickled_callable_is_refused_and_does_not_run(tmp_path):
     marker, path = tmp_path / "payload-ran", tmp_path / "evil.pth"
     torch.save({"model": Payload(marker), "config": {}}, path)
@@ -210,6 +212,7 @@ def test_pickled_callable_is_refused_and_does_not_run(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.quick
 def test_nothing_loads_checkpoints_unsafely():
     converter = ROOT / "scripts" / "convert_classic_checkpoint.py"  # its own restricted unpickler: test_convert_classic
     text = converter.read_text()
@@ -254,6 +257,7 @@ def assert_same_state(a, b, where: str = "state") -> None:
         assert a == b, where
 
 
+@pytest.mark.quick
 def test_run_state_round_trips_through_a_safe_load(tmp_path, tiny_mnist, one_thread):
     config = make_config(tmp_path, tiny_mnist, {**RESUME, "data_loader.args.batch_size": 128, "trainer.epochs": 1,
                                                 "trainer.tensorboard": False})
@@ -289,6 +293,7 @@ def test_a_mid_epoch_resume_with_a_new_metric_is_refused_before_training(tmp_pat
         resumed.check_first_batches()
 
 
+@pytest.mark.quick
 def test_signal_during_validation_stops_after_that_epochs_checkpoint(tmp_path, tiny_mnist, one_thread):
     class SignalInValidation(Trainer):
         def _valid_epoch(self, epoch: int) -> dict[str, float]:

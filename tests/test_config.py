@@ -1,4 +1,4 @@
-"""Unit tests of the config parser: defaults, overrides, lookups by role, building objects."""
+"""Unit tests of the config parser: defaults, overrides, lookups by role, building objects; a YAML config trains."""
 
 import functools
 import json
@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from base.base_trainer import BaseTrainer
-from config.files import load_file
+from config.files import load_file, parse_override
 from config.parser import ConfigParser, diff_configs
-from conftest import BASE_CONFIG, make_config
+from conftest import BASE_CONFIG, make_config, run, run_dirs
 from model import loss as module_loss
 from utils.errors import UserError
+
+pytestmark = pytest.mark.quick  # the whole module: see README, Development
 
 
 @pytest.fixture
@@ -48,6 +50,25 @@ def test_json_and_yaml_give_the_same_config(tmp_path, config_file):
     yaml_file = tmp_path / "config.yaml"
     yaml_file.write_text(yaml.safe_dump(json.loads(config_file.read_text())))
     assert ConfigParser.from_file(yaml_file).config == ConfigParser.from_file(config_file).config
+
+
+def test_numbers_written_as_papers_write_them_are_numbers_and_off_stays_false(config_file):
+    config = ConfigParser.from_file(config_file, ["optimizer.args.lr=1e-3", "optimizer.args.weight_decay=5E-4"])
+    assert config["optimizer"]["args"] == {"lr": 0.001, "weight_decay": 0.0005}
+    assert parse_override("trainer.epochs=1e+3") == (["trainer", "epochs"], 1000.0)
+    assert parse_override("trainer.tensorboard=off") == (["trainer", "tensorboard"], False)
+    assert parse_override("name=1e") == (["name"], "1e")
+
+
+def test_a_yaml_config_with_lr_1e_3_trains(tmp_path, config_file):
+    import yaml
+
+    text = yaml.safe_dump(json.loads(config_file.read_text())).replace("lr: 0.002", "lr: 1e-3")
+    (yaml_file := tmp_path / "config.yaml").write_text(text)
+    result = run("train.py", "-c", yaml_file, "-d", "cpu", "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path / "saved")
+    assert json.loads((run_dir / "config.json").read_text())["optimizer"]["args"]["lr"] == 0.001
 
 
 def test_build_resolves_each_role(config_file):

@@ -8,7 +8,6 @@ of 4 (val_loss falls after epoch 1), so early stopping is decided on rank 0 in e
 """
 
 import concurrent.futures
-import json
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_config, run, run_dirs
+from conftest import ROOT, make_config, read_test_results, run, run_dirs
 from data_loader.data_loaders import MnistDataLoader
 from tests.models import Deterministic
 
@@ -141,15 +140,14 @@ def test_test_py_in_two_processes_counts_every_test_sample_once(reference):
     """256 test images with --bs 48 (and drop_last in the training config): one process, two processes
     and a direct evaluation of the model must agree."""
     checkpoint_path = reference["ddp"] / "model_best.pth"
-    result_path = reference["ddp"] / "model_best-test.json"
     args = ("test.py", "-d", "cpu", "-r", checkpoint_path, "--bs", "48", "--trust-config")  # tests.models
     result = run(*args, timeout=TIMEOUT, env=ENV)
     assert result.returncode == 0, result.stderr[-2000:]
-    results = [json.loads(result_path.read_text())]
     code, out = finish(launch("--standalone", "--nproc_per_node=2", *args))
     assert code == 0, out[-3000:]
     assert out.count("results written to") == 1, out  # rank 0 reports
-    results.append(json.loads(result_path.read_text()))
+    results = read_test_results(reference["ddp"])
+    assert len(results) == 2  # one line per evaluation
     state = torch.load(checkpoint_path, weights_only=True)
     model = Deterministic()
     model.load_state_dict(state["model"])

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import new_project
 from config.parser import ConfigParser
-from conftest import ROOT, make_config, run, run_dirs, write_image_folder
+from conftest import ROOT, make_config, read_test_results, run, run_dirs, write_image_folder
 from model.loss import focal_loss
 from model.metric import true_class_prob
 from runs.run import Run
@@ -88,7 +88,7 @@ def test_image_folder_with_torchvision_resnet(tmp_path, image_folder):
 
     result = run("test.py", "-r", run_dir / "latest.pth")
     assert result.returncode == 0, result.stderr
-    assert json.loads((run_dir / "latest-test.json").read_text())["samples"] == 8  # the test/ folder
+    assert read_test_results(run_dir)[-1]["samples"] == 8  # the test/ folder
 
 
 def test_image_folder_problems_name_the_folder_or_file(tmp_path):

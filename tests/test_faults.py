@@ -189,9 +189,9 @@ def test_io_errors_outside_checkpoints_are_one_line(tmp_path, finished):
     (run_dir / "tensorboard").write_text("a file where the event folder goes\n")
     result = run("train.py", "-r", run_dir / "latest.pth", "--epochs", "4", "--set", "trainer.tensorboard=true")
     one_line_error(result, 1, f"{run_dir / 'tensorboard'}")
-    (run_dir / "latest-test.json").mkdir()
+    (run_dir / "test-results.jsonl").mkdir()
     result = run("test.py", "-r", run_dir / "latest.pth")
-    one_line_error(result, 1, f"cannot write test results {run_dir / 'latest-test.json'}")
+    one_line_error(result, 1, f"{run_dir / 'test-results.jsonl'}")
 
 
 def test_save_atomic_reports_the_write_error_even_when_the_clean_up_fails(tmp_path, monkeypatch):

@@ -2,15 +2,16 @@
 
 import csv
 import importlib.util
-import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, make_config, run, run_dirs, write_image_folder
+from conftest import ROOT, make_config, read_test_results, run, run_dirs, write_image_folder
 from data_loader.data_loaders import MNIST_MEAN, MNIST_STD
 from data_loader.datasets import read_idx
 from model.model import MnistModel
@@ -62,11 +63,31 @@ def image_checkpoint(tmp_path_factory):
     return root, run_dirs(root / "saved", "image_folder")[0] / "latest.pth"
 
 
+# ---- -r <run dir> and test.py's results ----------------------------------------------------------------
+def test_a_run_directory_gives_its_best_checkpoint_else_latest_and_every_evaluation_is_kept(tmp_path,
+                                                                                             mnist_checkpoint):
+    run_dir = shutil.copytree(mnist_checkpoint.parent, tmp_path / "run")
+    for target in (run_dir / "latest.pth", run_dir):
+        tested = run("test.py", "-r", target)
+        assert tested.returncode == 0, tested.stderr
+        assert f"results written to {run_dir / 'test-results.jsonl'}" in tested.stdout
+    assert f"{run_dir}: using model_best.pth" in tested.stdout
+    assert [Path(r["checkpoint"]).name for r in read_test_results(run_dir)] == ["latest.pth", "model_best.pth"]
+    predicted = run("predict.py", "-r", run_dir)
+    assert predicted.returncode == 0, predicted.stderr
+    assert (run_dir / "model_best-predictions.csv").is_file()
+    (run_dir / "model_best.pth").unlink()
+    exported = run("export.py", "-r", run_dir, "--format", "torchscript")
+    assert exported.returncode == 0, exported.stderr
+    assert f"{run_dir}: using latest.pth" in exported.stdout and (run_dir / "latest.torchscript.pt").is_file()
+    fails_with_one_line(run("test.py", "-r", tmp_path), f"{tmp_path}: no model_best.pth or latest.pth")
+
+
 # ---- predict.py ---------------------------------------------------------------------------------------
 def test_predictions_on_the_test_split_agree_with_test_py(mnist_checkpoint):
     tested = run("test.py", "-r", mnist_checkpoint)
     assert tested.returncode == 0, tested.stderr
-    accuracy = json.loads(mnist_checkpoint.with_name("latest-test.json").read_text())["accuracy"]
+    accuracy = read_test_results(mnist_checkpoint.parent)[-1]["accuracy"]
 
     predicted = run("predict.py", "-r", mnist_checkpoint, "--topk", "3")
     assert predicted.returncode == 0, predicted.stderr

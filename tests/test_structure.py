@@ -4,9 +4,14 @@ functions where the training loop lives (a reader should see each one whole)."""
 
 import ast
 import re
+import tomllib
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.quick  # the whole module: see README, Development
 
 PACKAGES = ("base", "config", "data_loader", "logger", "model", "runs", "trainer", "utils")
 SCRIPTS = tuple(path.name for path in ROOT.glob("*.py"))
@@ -114,3 +119,17 @@ def test_only_the_runs_module_names_checkpoint_files_and_the_lock():
 def test_scripts_use_only_the_trainers_public_interface():
     private = {name: re.findall(r"trainer\._\w+", (ROOT / name).read_text()) for name in SCRIPTS}
     assert not {name: found for name, found in private.items() if found}
+
+
+def test_an_older_python_is_refused_in_one_line_before_a_script_imports_anything_else():
+    from utils import python_version
+
+    with pytest.raises(SystemExit) as refused:
+        python_version.check((3, 9, 18, "final", 0))
+    assert str(refused.value).startswith("error: this project needs Python") and "\n" not in str(refused.value)
+    python_version.check((*python_version.MINIMUM, 0))
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == ">={}.{}".format(*python_version.MINIMUM)
+    for script in ("train.py", "test.py", "predict.py", "export.py", "lr_find.py"):
+        first = ast.parse((ROOT / script).read_text()).body[1]
+        assert isinstance(first, ast.Import) and first.names[0].name == "utils.python_version", script
