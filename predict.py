@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     keys, stream = batches(args, run.config, run.device)
     if not keys:
         raise UserError(f"{run.resumed_from}: its test split is empty: nothing to predict")
-    with progress_bar(len(keys), "predict") as bar:
+    with progress_bar(len(keys), "predict", seconds=run.config["trainer"]["progress_seconds"]) as bar:
         probs, classes, labels = predict(model, stream, run.device, args.topk, bar)
     out = Path(args.output or run.resumed_from.with_name(f"{run.resumed_from.stem}-predictions.csv"))
     text = csv_text(keys, probs, classes, labels, run.state.get("classes", []), args.topk)

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     checkpoint.load_model_weights(trainer.model, state["model"], str(path))
     if state.get("criterion") and isinstance(trainer.criterion, torch.nn.Module):  # a loss with state of its own
         trainer.criterion.load_state_dict(state["criterion"])
-    with progress_bar(loader.n_samples, "test") as bar, failing_batch("a test batch fails"):
+    seconds = run.config["trainer"]["progress_seconds"]
+    with progress_bar(loader.n_samples, "test", seconds=seconds) as bar, failing_batch("a test batch fails"):
         result = trainer.evaluate(loader, progress=bar)  # the trainer's valid_step, as in validation
     if not dist.is_main():
         return 0

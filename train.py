@@ -17,8 +17,11 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
+from logger import FILE_ONLY
 from runs.kfold import KFold
-from runs.run import Run, candidates, open_run
+from runs.run import Run, candidates, finetune_weights, open_run
 from utils import checkpoint, dist
 from utils.allocator import keep_freed_memory
 from utils.cli import SHORTCUTS, ArgumentParser, Request, add_common_arguments, request_of, run_main
@@ -75,9 +78,9 @@ def main(argv=None) -> int:
 def train(request: Request) -> int:
     run = open_run(request)
     trainer = run.config.build_trainer(run.device, run.config.build_data_loader(run.device), run=run)
-    if request.finetune:
-        checkpoint.load_model_weights(trainer.model, checkpoint.load(request.finetune)["model"],
-                                      f"--finetune {request.finetune}")
+    if run.config["finetuned_from"] and not run.state:  # --finetune, or a config that records it
+        checkpoint.load_model_weights(trainer.model, finetune_weights(run.config),
+                                      f"--finetune {run.config['finetuned_from']['path']}")
     if run.state and (reason := run.restore(trainer)):
         print(f"{run.resumed_from}: nothing to do: {reason} (--epochs N trains further)")
         return 0
@@ -112,10 +115,22 @@ def log_start(trainer, run: Run, request: Request) -> None:
         log.info("-r auto: no checkpoint of this run yet: starting it in %s", run.dir)
     else:
         log.info("Run directory: %s", run.dir)
-    log.debug("%s", trainer.model)
+    for name, model in trainer.models.items():
+        log.info("%s", model_summary(model, name))
+        log.info("%s", model, extra=FILE_ONLY)  # the whole module tree: train.log only
     log.info("Training on %s (%d process%s), %d training samples, %d validation samples", trainer.device,
              dist.world_size(), "es" if dist.world_size() > 1 else "", trainer.data_loader.n_samples,
              trainer.valid_data_loader.n_samples if trainer.valid_data_loader else 0)
+
+
+def model_summary(model: torch.nn.Module, name: str = "model") -> str:
+    """One console line: the model's class, its parameters (trainable ones), and the megabytes (millions of bytes) of
+    its parameters and buffers."""
+    title = type(model).__name__ if name == "model" else f"{name} ({type(model).__name__})"
+    params = list(model.parameters())
+    size = sum(t.numel() * t.element_size() for t in [*params, *model.buffers()]) / 1e6
+    return (f"Model {title}: {sum(p.numel() for p in params):,} parameters "
+            f"({sum(p.numel() for p in params if p.requires_grad):,} trainable), {size:.2f} MB")
 
 
 if __name__ == "__main__":

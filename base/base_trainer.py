@@ -95,7 +95,7 @@ class BaseTrainer:
             "monitor": self.options["monitor"], "monitor_best": self.monitor_best,
             "not_improved_count": self.not_improved_count,
             "rng": dist.gather_objects(checkpoint.rng_state()),  # one entry per rank
-            "config": self.config.config,
+            "config": self.config.config, "finetuned_from": self.config["finetuned_from"] or {},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -266,4 +266,5 @@ class BaseTrainer:
         self.metrics_file.write(epoch, self.global_step, result)
 
     def progress_bar(self, epoch: int, total: int, initial: int):
-        return progress_bar(total, f"epoch {epoch}/{self.epochs}", initial, enabled=self.options["verbosity"] > 0)
+        return progress_bar(total, f"epoch {epoch}/{self.epochs}", initial, self.options["verbosity"] > 0,
+                            self.options["progress_seconds"])

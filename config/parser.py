@@ -94,6 +94,11 @@ class ConfigParser:
             schema.check_type(cfg[key], schema.TOP_LEVEL[key], f"{src}: {key}")
         if not cfg["name"] or "/" in cfg["name"]:
             raise UserError(f"{src}: name: must be a non-empty name without '/', got {shorten(repr(cfg['name']))}")
+        source = cfg["finetuned_from"]
+        if source is not None and not (isinstance(source, dict) and source.keys() == {"path", "sha256"}
+                                       and all(isinstance(value, str) for value in source.values())):
+            raise UserError(f"{src}: finetuned_from: expected null or {{path: <checkpoint>, sha256: <its SHA-256>}} "
+                            f"(as --finetune writes it), got {shorten(repr(source))}")
         self._check_trainer()
         for role in ("arch", "data_loader", "optimizer", "loss", "lr_scheduler"):
             for where, spec in entries_of(role, cfg[role]).values():

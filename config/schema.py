@@ -16,7 +16,9 @@ REQUIRED = object()
 # Top-level keys and their defaults. The trainer's own keys: TRAINER below.
 TOP_LEVEL = {"name": REQUIRED, "seed": 0, "deterministic": False, "device": "auto", "arch": REQUIRED,
              "data_loader": REQUIRED, "optimizer": REQUIRED, "loss": REQUIRED, "metrics": [], "lr_scheduler": None,
-             "trainer": {}, "vars": {}}  # vars: the project's own values, for "${vars.<key>}" in args
+             "trainer": {}, "vars": {}, "finetuned_from": None}
+# vars: the project's own values, for "${vars.<key>}" in args; finetuned_from: {path, sha256} of the checkpoint
+# whose model weights start a new run (what --finetune records)
 # Arguments the framework passes itself, so a config need not (and may not always) give them.
 INJECTED = {"optimizer": {"params"}, "lr_scheduler": {"optimizer"}, "data_loader": {"seed", "training"}}
 SCHEDULER_INTERVALS = ("epoch", "step")
@@ -101,6 +103,8 @@ TRAINER = {
     "early_stop": 0,  # stop after N epochs without improvement (0: never)
     "tensorboard": True,  # write TensorBoard event files into the run directory
     "log_step": 50,  # optimizer steps between console, TensorBoard and progress-bar updates
+    "progress_seconds": 10.0,  # output not a terminal (CI, nohup, Slurm): a progress line at the first log interval
+    # this many seconds after the last one (0: none); a terminal gets the progress bar
     "amp": "off",  # mixed precision: "off", "bf16", or "fp16" (with a grad scaler)
     "accum_steps": 1,  # micro-batches accumulated per optimizer step
     "grad_clip": 0.0,  # clip the global grad norm to this value (0: off)

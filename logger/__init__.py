@@ -1,4 +1,4 @@
-from logger.logger import progress_bar, setup_logging
+from logger.logger import FILE_ONLY, progress_bar, setup_logging
 from logger.tensorboard import TensorboardWriter
 
-__all__ = ["TensorboardWriter", "progress_bar", "setup_logging"]
+__all__ = ["FILE_ONLY", "TensorboardWriter", "progress_bar", "setup_logging"]

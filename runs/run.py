@@ -206,9 +206,25 @@ def load_config(request: Request, path: Path | None = None, state: dict | None =
     """The config of `-c` (the user's own code), else the one stored in the checkpoint: someone else's data,
     which may only name what the project trusts unless --trust-config. The command line wins."""
     if request.config_file:
-        return ConfigParser.from_file(request.config_file, request.overrides)
+        return ConfigParser.from_file(request.config_file, [*request.overrides, *finetune_override(request.finetune)])
     return ConfigParser.from_dict(state["config"], f"{path} (its config)", request.overrides,
                                   restricted=not request.trust_config)
+
+
+def finetune_override(path: str | None) -> list[str]:
+    """--finetune CKPT as the config records it: `finetuned_from` with the file's absolute path and SHA-256."""
+    if not path:
+        return []
+    return ["finetuned_from=" + json.dumps({"path": str(Path(path).resolve()), "sha256": checkpoint.sha256(path)})]
+
+
+def finetune_weights(config: ConfigParser) -> dict:
+    """The model weights of the config's `finetuned_from`, which must be the file it names, unchanged."""
+    source = config["finetuned_from"]
+    if checkpoint.sha256(source["path"]) != source["sha256"]:
+        raise UserError(f"{config.source}: finetuned_from: {source['path']} is not the file the config records "
+                        "(its SHA-256 differs)")
+    return checkpoint.load(source["path"])["model"]
 
 
 def find_resume(request: Request, config: ConfigParser | None) -> tuple[Path | None, dict | None, Path | None]:

@@ -261,6 +261,8 @@ COMMANDS = {
                            ["arch differs from the checkpoint's", "--finetune"]),
     "finetune, missing weights": ("train.py", ["-c", "{config}", "--finetune", "{work}/nope.pth"],
                                   ["{work}/nope.pth: checkpoint not found"]),
+    "finetuned_from, not a record": ("train.py", ["-c", "{config}", "--set", "finetuned_from=old.pth"],
+                                     ["finetuned_from: expected null or {{path: <checkpoint>, sha256: "]),
     "finetune, weights do not fit": ("train.py", ["-c", "{config}", "--finetune", "{work}/misfit.pth"],
                                      ["--finetune {work}/misfit.pth: weights do not fit MnistModel: size mismatch "
                                       "for fc2.weight (checkpoint [5, 50], model [10, 50])"]),

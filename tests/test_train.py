@@ -1,6 +1,9 @@
 """End to end: real train.py and test.py processes on a tiny slice of real MNIST."""
 
+import hashlib
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ def trained(tmp_path_factory, tiny_mnist):
     tmp_path = tmp_path_factory.mktemp("trained")
     config = make_config(tmp_path, tiny_mnist, {
         "lr_scheduler": {"type": "StepLR", "args": {"step_size": 1, "gamma": 0.5}},
-        "metrics": ["accuracy", "top_k_acc"],
+        "metrics": ["accuracy", "top_k_acc"], "trainer.progress_seconds": 1e-6,  # a line at every log interval
     })
     result = run("train.py", "-c", config)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -33,6 +36,16 @@ def test_run_directory_holds_config_log_checkpoints_and_events(trained):
     assert config["trainer"]["amp"] == "off"  # the resolved config: defaults filled in
     log = (run_dir / "train.log").read_text()
     assert "epoch 1/2" in log and "epoch 2/2" in log and "Trainable parameters" in log
+
+
+def test_console_shows_one_model_line_and_plain_progress_lines_without_a_terminal(trained):
+    run_dir, result = trained  # stdout is a pipe here, as in CI, nohup or Slurm
+    assert "Model MnistModel: 21,840 parameters (21,840 trainable), 0.09 MB" in result.stdout
+    assert "Conv2d(" not in result.stdout and "Conv2d(" in (run_dir / "train.log").read_text()  # the repr: file only
+    lines = re.findall(r"^epoch 1/2  ([\d,]+)/896 \(\d+%\)  [\d,]+ samples/s  ETA \d+:\d\d:\d\d  loss \d\.\d{4}$",
+                       result.stdout, re.MULTILINE)
+    assert lines[:2] == ["160", "320"]  # log_step 5 of batch 32, during the epoch: before its summary line
+    assert result.stdout.index("epoch 1/2  160/896") < result.stdout.index("epoch 1/2  loss")
 
 
 def test_every_checkpoint_is_plain_data(trained):
@@ -71,6 +84,28 @@ def test_test_py_evaluates_the_test_split_and_writes_json(trained):
     assert written["samples"] == 256
     assert 0.0 <= written["accuracy"] <= 1.0 and written["top_k_acc"] >= written["accuracy"]
     assert f"{written['accuracy']:.6g}" in result.stdout
+
+
+def test_config_json_repeats_a_finetuned_run_and_records_its_source(tmp_path, tiny_mnist, trained):
+    source = tmp_path / "source.pth"
+    shutil.copy(trained[0] / "model_best.pth", source)
+    config = make_config(tmp_path, tiny_mnist, {"trainer.epochs": 1})
+    assert run("train.py", "-c", config, "--finetune", source, "--set", "optimizer.args.lr=0.001").returncode == 0
+    (first,) = run_dirs(tmp_path / "saved")
+    recorded = {"path": str(source.resolve()), "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+    assert json.loads((first / "config.json").read_text())["finetuned_from"] == recorded
+    assert all(torch.load(p, weights_only=True)["finetuned_from"] == recorded for p in first.glob("*.pth"))
+    # the run directory's config.json alone (defaults, --finetune and --set in it) trains the same weights again
+    result = run("train.py", "-c", first / "config.json")
+    assert result.returncode == 0, result.stderr
+    (_, second) = run_dirs(tmp_path / "saved")
+    a, b = (torch.load(d / "latest.pth", weights_only=True)["model"] for d in (first, second))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    shutil.copy(trained[0] / "checkpoint-epoch1.pth", source)  # other bytes under the recorded name: one line
+    result = run("train.py", "-c", first / "config.json")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {first / 'config.json'}: finetuned_from: {source.resolve()} is not the file the config records "
+        "(its SHA-256 differs)"]
 
 
 def test_resume_continues_at_the_next_epoch_in_the_same_run(trained):

@@ -4,6 +4,7 @@ A checkpoint is one plain dict (state dicts, numbers, strings, the config as a d
 `torch.load(path, weights_only=True)`; nothing else is ever used to load one."""
 
 import contextlib
+import hashlib
 import io
 import os
 import random
@@ -55,7 +56,7 @@ def save_atomic(data: bytes, path: Path, what: str = "checkpoint") -> None:
 # The type of each field a checkpoint of this project has (a field of another type is refused on load).
 FIELDS = {"version": int, "arch": str, "epoch": int, "batch_in_epoch": int, "global_step": int, "model": dict,
           "optimizer": dict, "monitor": str, "monitor_best": float, "not_improved_count": int, "rng": list,
-          "config": dict, "data": dict, "classes": list, "data_values": dict}
+          "config": dict, "data": dict, "classes": list, "data_values": dict, "finetuned_from": dict}
 RNG_KEYS = {"python", "numpy", "torch", "cuda"}
 
 
@@ -99,6 +100,17 @@ def load_failure(error: Exception) -> str:
     if isinstance(error, (EOFError, OSError)) or "PytorchStreamReader" in text or not text.strip():
         return "the file is empty, damaged or cut short"
     return text.strip().splitlines()[0].split(". ")[0][:200]  # e.g. a truncated zip: its first sentence
+
+
+def sha256(path: str | Path) -> str:
+    """The file's SHA-256 as hex: which file a run's weights came from (`finetuned_from`)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the checkpoint: {e.strerror or e}") from None
 
 
 def load_model_weights(model: torch.nn.Module, weights: dict, where: str) -> None:
