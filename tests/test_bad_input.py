@@ -287,7 +287,9 @@ COMMANDS = {
                              ["{work}/data_cut/MNIST/raw/t10k-images-idx3-ubyte.gz: damaged file"]),
     "test without -r": ("test.py", [], ["error: the following arguments are required: -r/--resume (see test.py"]),
     "test, checkpoint missing": ("test.py", ["-r", "{work}/nope.pth"], ["{work}/nope.pth: checkpoint not found"]),
-    "test, a directory": ("test.py", ["-r", "{work}/empty_run"], ["{work}/empty_run: not a checkpoint file"]),
+    "test, a run directory without checkpoints": ("test.py", ["-r", "{work}/empty_run"],
+                                                  ["{work}/empty_run: no model_best.pth or latest.pth in this run "
+                                                   "directory"]),
     "test, not a checkpoint": ("test.py", ["-r", "{work}/notes.txt"], ["{work}/notes.txt: not a loadable checkpoint"]),
     "test, weights do not fit": ("test.py", ["-r", "{work}/misfit.pth"],
                                  ["{work}/misfit.pth: weights do not fit MnistModel: size mismatch for fc2.weight"]),
