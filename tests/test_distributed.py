@@ -9,6 +9,7 @@ of 4 (val_loss falls after epoch 1), so early stopping is decided on rank 0 in e
 
 import concurrent.futures
 import os
+import random
 import re
 import shutil
 import signal
@@ -195,9 +196,18 @@ def test_stopped_mid_epoch_and_resumed_in_two_processes_logs_what_the_run_never_
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: no outgoing connection (another process's, or node 1's own
+    attempts to reach node 0 before it listens, which could connect to themselves) can take it before node 0 binds
+    it. bind(0) would pick one inside that range."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(low // 2, low), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low // 2}, {low})")
 
 
 def test_two_nodes_on_loopback_resume_a_single_process_checkpoint(tmp_path, reference):
