@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from predict import load_model
-from runs.run import CHECKPOINT_HELP
+from runs.run import CHECKPOINT_HELP, check_output_path
 from trainer.trainer import data_and_target
 from utils.checkpoint import TMP_MARK
 from utils.cli import ArgumentParser, add_common_arguments, run_main
@@ -30,7 +30,9 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-r", "--resume", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--format", required=True, choices=list(FORMATS), help="the kind of file to write")
-    parser.add_argument("-o", "--output", help="file to write (default: the checkpoint's, with the format's suffix)")
+    parser.add_argument("-o", "--output", help="file to write (default: the checkpoint's, with the format's suffix, "
+                        "replaced)")
+    parser.add_argument("--force", action="store_true", help="let -o replace an existing file")
     add_common_arguments(parser)
     parser.set_defaults(device="cpu")  # a CPU trace runs anywhere; -d cuda for a CUDA program
     return parser.parse_args(argv)
@@ -70,6 +72,8 @@ FORMATS = {"onnx": (".onnx", write_onnx), "torchscript": (".torchscript.pt", wri
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.output:
+        check_output_path(Path(args.output), Path(args.resume), args.force)
     run, model = load_model(args)
     config, device = run.config, run.device
     batch = next(iter(config.build_data_loader(device, test=True)), None)
@@ -83,8 +87,6 @@ def main(argv=None) -> int:
                         "returns one tensor")
     suffix, write = FORMATS[args.format]
     out = Path(args.output or run.resumed_from.with_suffix(suffix))
-    if not out.parent.is_dir():
-        raise UserError(f"-o {out}: no such folder {out.parent}")
     tmp = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}{suffix}")  # never a half-written or unchecked `out`
     try:
         with torch.no_grad():
@@ -93,7 +95,11 @@ def main(argv=None) -> int:
             except (RuntimeError, ValueError, TypeError, OSError) as e:  # an untraceable model, an unwritable -o
                 raise TrainingError(f"{args.format}: cannot export {config['arch']['type']}: "
                                     f"{str(e).strip().splitlines()[0][:200]}") from None
-            error = max((exported(x).to(device) - model(x)).abs().max().item() for x in (sample, sample[:1]))
+            pairs = [(exported(x).to(device), model(x)) for x in (sample, sample[:1])]
+        if not all(output.isfinite().all() for pair in pairs for output in pair):  # NaN - NaN is no difference
+            raise TrainingError(f"{args.format}: the model's or the exported file's outputs are not finite (NaN or "
+                                f"inf), so they cannot be checked; {out} not written")
+        error = max((got - expected).abs().max().item() for got, expected in pairs)
         if error > TOLERANCE:
             raise TrainingError(f"{args.format}: outputs differ from the model's by {error:.3g} (> {TOLERANCE}); "
                                 f"{out} not written")

@@ -16,7 +16,7 @@ import torch
 
 from data_loader.data_loaders import image_files
 from logger import progress_bar
-from runs.run import CHECKPOINT_HELP, Run, open_checkpoint
+from runs.run import CHECKPOINT_HELP, Run, check_output_path, open_checkpoint
 from trainer.trainer import data_and_target
 from utils import checkpoint
 from utils.cli import ArgumentParser, add_common_arguments, request_of, run_main
@@ -27,7 +27,8 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-r", "--resume", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("inputs", nargs="*", help="image files or folders (default: the test split)")
-    parser.add_argument("-o", "--output", help="CSV file (default: <checkpoint>-predictions.csv)")
+    parser.add_argument("-o", "--output", help="CSV file (default: <checkpoint>-predictions.csv, replaced)")
+    parser.add_argument("--force", action="store_true", help="let -o replace an existing file")
     parser.add_argument("--topk", type=int, default=5, help="classes listed per input (default 5)")
     add_common_arguments(parser)
     return parser.parse_args(argv)
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
+    if args.output:
+        check_output_path(Path(args.output), Path(args.resume), args.force)
     run, model = load_model(args)
     keys, stream = batches(args, run.config, run.device)
     if not keys:

@@ -172,6 +172,29 @@ def checkpoint_to_evaluate(path: Path) -> Path:
     raise UserError(f"{path}: no {BEST} or {LATEST} in this run directory")
 
 
+def is_run_directory(path: Path) -> bool:
+    """A folder that train.py made: its config.json, with its run.lock or a checkpoint (*.pth)."""
+    return (path / "config.json").is_file() and ((path / LOCK).exists() or any(path.glob("*.pth")))
+
+
+def check_output_path(output: Path, resume: Path, force: bool) -> None:
+    """-o of predict.py and export.py, refused before any work: the checkpoint read (also through a link or
+    '..'), any checkpoint (a .pth file), a file inside a run directory, and, without --force, an existing file."""
+    path, where = output.resolve(), f"-o {output}"
+    if path == checkpoint_to_evaluate(resume).resolve():
+        raise UserError(f"{where}: is the checkpoint being read; choose another file")
+    if path.suffix.lower() == ".pth":
+        raise UserError(f"{where}: a .pth file is a checkpoint; choose another name")
+    if run_dir := next((p for p in path.parents if is_run_directory(p)), None):
+        raise UserError(f"{where}: inside the run directory {run_dir}, whose files the runs own; write elsewhere")
+    if not path.parent.is_dir():
+        raise UserError(f"{where}: no such folder {output.parent}")
+    if path.is_dir():
+        raise UserError(f"{where}: is a folder; give a file name")
+    if path.exists() and not force:
+        raise UserError(f"{where}: already exists; add --force to replace it")
+
+
 def saved_section(state: dict, key: str, path: Path) -> Any:
     """A section of the checkpoint's config with its "${vars...}" filled in, to compare with the config's."""
     return fill_in(state["config"][key], state["config"], f"{path} (its config)", key)

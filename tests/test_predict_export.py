@@ -76,6 +76,7 @@ def test_a_run_directory_gives_its_best_checkpoint_else_latest_and_every_evaluat
     predicted = run("predict.py", "-r", run_dir)
     assert predicted.returncode == 0, predicted.stderr
     assert (run_dir / "model_best-predictions.csv").is_file()
+    assert run("predict.py", "-r", run_dir).returncode == 0  # the default output replaces its previous one
     (run_dir / "model_best.pth").unlink()
     exported = run("export.py", "-r", run_dir, "--format", "torchscript")
     assert exported.returncode == 0, exported.stderr
@@ -196,6 +197,48 @@ def test_a_ddp_checkpoint_exports_like_a_single_process_one(mnist_checkpoint, ti
     _, inputs = mnist_test_images(tiny_mnist, 8)
     with torch.no_grad():
         torch.testing.assert_close(programs["ddp"].module()(inputs), saved_model(checkpoint)(inputs))
+
+
+# ---- -o: never a checkpoint or a run's file; an existing file only with --force -------------------------
+def test_an_output_is_never_a_checkpoint_or_in_a_run_directory(mnist_checkpoint, tmp_path):
+    run_dir = shutil.copytree(mnist_checkpoint.parent, tmp_path / "run")
+    checkpoint, before = run_dir / "latest.pth", (run_dir / "latest.pth").read_bytes()
+    (tmp_path / "link").symlink_to(checkpoint)
+    (tmp_path / "old.pth").write_bytes(b"old")
+    for script, out, message in [
+            ("predict.py", checkpoint, "is the checkpoint being read"),
+            ("export.py", tmp_path / "run" / ".." / "run" / "latest.pth", "is the checkpoint being read"),
+            ("export.py", tmp_path / "link", "is the checkpoint being read"),
+            ("predict.py", tmp_path / "old.pth", "a .pth file is a checkpoint"),
+            ("export.py", run_dir / "model.pt2", f"inside the run directory {run_dir}")]:
+        extra = ["--format", "exported"] if script == "export.py" else []
+        fails_with_one_line(run(script, "-r", checkpoint, *extra, "-o", out, "--force"), f"-o {out}: {message}")
+    assert checkpoint.read_bytes() == before and (tmp_path / "old.pth").read_bytes() == b"old"
+    assert not (run_dir / "model.pt2").exists()
+
+
+def test_an_existing_output_is_replaced_only_with_force(mnist_checkpoint, tmp_path):
+    out = tmp_path / "out.csv"
+    out.write_text("mine\n")
+    fails_with_one_line(run("predict.py", "-r", mnist_checkpoint, "-o", out),
+                        f"-o {out}: already exists; add --force to replace it")
+    fails_with_one_line(run("export.py", "-r", mnist_checkpoint, "--format", "exported", "-o", out),
+                        f"-o {out}: already exists; add --force to replace it")
+    assert out.read_text() == "mine\n"
+    result = run("predict.py", "-r", mnist_checkpoint, "-o", out, "--force")
+    assert result.returncode == 0, result.stderr
+    assert len(read_csv(out)) == 256
+
+
+def test_non_finite_outputs_never_match(mnist_checkpoint, tmp_path):
+    """NaN - NaN is NaN, which no tolerance refuses: outputs that are not finite fail the check."""
+    state = torch.load(mnist_checkpoint, weights_only=True)
+    state["model"] = {key: torch.full_like(value, float("nan")) for key, value in state["model"].items()}
+    torch.save(state, tmp_path / "nan.pth")
+    result = run("export.py", "-r", tmp_path / "nan.pth", "--format", "exported", "-o", tmp_path / "nan.pt2")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "outputs are not finite (NaN or inf), so they cannot be checked" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["nan.pth"]
 
 
 # ---- bad inputs: one line, exit 2, nothing written ------------------------------------------------------
