@@ -8,19 +8,18 @@ A dataset's own random draws (augmentation with torch, `random` or NumPy in `__g
 position too: before each sample is read, those generators are seeded from (seed, epoch, sample index), in
 whichever worker reads it. So any num_workers, persistent or not, any rank and any resume read the same data."""
 
+import contextlib
 import copy
 import gc
 import logging
-import random
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from base.data_fingerprint import data_fingerprint
 from utils import dist
-from utils.seed import draw_seed, seed_generators
+from utils.seed import draw_seed, generators_kept, seed_generators
 
 
 class _EpochKeys(Sampler):
@@ -48,15 +47,8 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
-        if get_worker_info() is not None:
+        with generators_kept() if get_worker_info() is None else contextlib.nullcontext():
             return [self.read(key) for key in keys]
-        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        try:
-            return [self.read(key) for key in keys]
-        finally:
-            torch.set_rng_state(saved[0])
-            random.setstate(saved[1])
-            np.random.set_state(saved[2])
 
     def read(self, key: tuple[int, int]):
         epoch, index = key

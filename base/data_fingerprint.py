@@ -11,7 +11,6 @@ A dataset with a `fingerprint()` method (returning a str, or a dict of str to st
 samples and split: for data too large to hash, or that know their version."""
 
 import os
-import random
 import zlib
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.errors import UserError
-from utils.seed import seed_generators
+from utils.seed import generators_kept, seed_generators
 
 ITEMS = 8  # samples read for `items`
 NAMES = {"targets": "labels", "samples": "files"}  # torchvision's attributes, by what they hold
@@ -61,18 +60,15 @@ def read_items(dataset: Dataset) -> str:
     """CRC of up to ITEMS evenly spaced samples, read with Python's, NumPy's and torch's CPU generators seeded
     (then restored): a random augmentation reads the same each time, and training draws what it would have."""
     n, root = len(dataset), str(getattr(dataset, "root", "") or "")
-    states, crc = (random.getstate(), np.random.get_state()), 0
+    crc = 0
     try:
-        with torch.random.fork_rng(devices=[]):
+        with generators_kept():
             seed_generators(0)
             for index in range(0, n, max(1, -(-n // ITEMS))):
                 crc = add(crc, dataset[index], root)
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"the data fingerprint could not read sample {index}: {message}") from None
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
     return f"{crc:08x}"
 
 

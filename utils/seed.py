@@ -1,7 +1,9 @@
 """Seeds for every random number generator a run uses, and the choice of speed or repeatability."""
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -19,6 +21,18 @@ def seed_generators(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
+
+
+@contextlib.contextmanager
+def generators_kept() -> Iterator[None]:
+    """Torch's (CPU), Python's and NumPy's global generators as they were afterwards: draws inside leave no trace."""
+    saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        random.setstate(saved[1])
+        np.random.set_state(saved[2])
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
