@@ -239,21 +239,19 @@ class BaseTrainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def _save_epoch(self, epoch: int, improved: bool) -> None:
-        if not self._weights_finite():  # a finite loss can still come with NaN/Inf gradients
-            raise TrainingError(f"model weights are NaN or Inf after epoch {epoch}: not saved, stopping; "
-                                f"{self.run.left_to_resume()} (lower the learning rate or clip gradients)")
         if improved:
             log.info("New best %s = %.6g", self.monitor_key, self.monitor_best)
         self._save(epoch, improved)
 
-    def _weights_finite(self) -> bool:
-        """Every floating-point parameter and buffer is finite (one host sync, once an epoch)."""
-        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
     def _save(self, epoch: int | None = None, improved: bool = False) -> None:
-        """Write the run state (rank 0; the others wait): at the end of `epoch`, or mid-epoch (None)."""
+        """Write the run state (rank 0; the others wait): at the end of `epoch`, or mid-epoch (None). Weights or
+        optimizer state with a NaN or Inf (a NaN loss or gradient since the last check) are never written: the run
+        stops and its last good checkpoint stays."""
         state = self.state_dict()  # every rank takes part: it gathers the RNG states
+        if dist.any_flag(not checkpoint.all_finite(state["model"], state["optimizer"]), self.device):
+            where = f"after epoch {epoch}" if epoch else f"in epoch {self.epoch + 1} at step {self.global_step}"
+            raise TrainingError(f"model weights or optimizer state are NaN or Inf {where}: not saved, stopping; "
+                                f"{self.run.left_to_resume()} (lower the learning rate or clip gradients)")
         dist.on_main(lambda: self.run.save(state, epoch, improved), self.device,
                      TrainingError("rank 0 could not write a checkpoint"))
         self.last_save = time.monotonic()

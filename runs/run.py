@@ -130,10 +130,9 @@ class Run:
         log.debug("Saved %s at epoch %d, step %d", ", ".join([*names, LATEST]), state["epoch"], state["global_step"])
 
     def left_to_resume(self) -> str:
-        """What an error that stops the run leaves to resume from."""
-        if self.dir and self.latest.exists():
-            return f"the last good checkpoint in {self.dir} is kept"
-        return "no checkpoint was written yet"
+        """What an error that stops the run leaves to resume from: its newest checkpoint, by name."""
+        files = candidates(self.dir) if self.dir else []
+        return f"the last good checkpoint is kept: {files[0]}" if files else "no checkpoint was written yet"
 
 
 def open_run(request: Request) -> Run:

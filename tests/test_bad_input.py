@@ -512,8 +512,8 @@ def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_checkpoin
     run_dir, result = stopped_run
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: loss is NaN or Inf at epoch 2, batch 6: stopping; the last good checkpoint in {run_dir} is kept "
-        "(lower the learning rate or clip gradients)"]
+        f"error: loss is NaN or Inf at epoch 2, batch 6: stopping; the last good checkpoint is kept: "
+        f"{run_dir / 'latest.pth'} (lower the learning rate or clip gradients)"]
     saved = checkpoints(run_dir)
     assert list(saved) == ["checkpoint-epoch1.pth", "latest.pth", "model_best.pth"]
     assert all(state["epoch"] == 1 and finite(state) for state in saved.values())
@@ -532,8 +532,8 @@ def test_skip_counts_nan_steps_and_nan_weights_are_never_saved(tmp_path, tiny_mn
     (run_dir,) = run_dirs(tmp_path / "saved")
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: model weights are NaN or Inf after epoch 2: not saved, stopping; the last good checkpoint in "
-        f"{run_dir} is kept (lower the learning rate or clip gradients)"]
+        f"error: model weights or optimizer state are NaN or Inf after epoch 2: not saved, stopping; the last good "
+        f"checkpoint is kept: {run_dir / 'latest.pth'} (lower the learning rate or clip gradients)"]
     assert result.stdout.count("Skipped a step in epoch 1: loss is NaN or Inf") == 3
     assert "(3 skipped this epoch)" in result.stdout and "skipped_steps 3" in result.stdout
     saved = checkpoints(run_dir)

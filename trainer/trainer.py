@@ -470,6 +470,13 @@ class Trainer(BaseTrainer):
             raise TrainingError(f"loss is NaN or Inf at epoch {epoch}, {where}: stopping; {self.run.left_to_resume()} "
                                 "(lower the learning rate or clip gradients)")
 
+    def _save(self, epoch: int | None = None, improved: bool = False) -> None:
+        """A mid-epoch save (save_step, save_minutes, a signal) first checks the losses since the last check: a NaN
+        loss stops the run there, as at a log interval, before its weights reach a file."""
+        if epoch is None:
+            self._check_finite(self.epoch + 1)
+        super()._save(epoch, improved)
+
     def _log_progress(self, bar) -> None:
         values = {**self.train_metrics.interval_result(), **self.learning_rates()}
         self.writer.scalars({f"step/{k}": v for k, v in values.items()}, self.global_step)

@@ -6,6 +6,7 @@ A checkpoint is one plain dict (state dicts, numbers, strings, the config as a d
 import contextlib
 import hashlib
 import io
+import math
 import os
 import random
 import re
@@ -51,6 +52,20 @@ def save_atomic(data: bytes, path: Path, what: str = "checkpoint") -> None:
         if isinstance(e, OSError):
             raise TrainingError(f"cannot write {what} {path}: {e.strerror or e}") from None
         raise
+
+
+def all_finite(*states) -> bool:
+    """Every floating-point tensor in `states` (state dicts, nested) is finite: one fused max-norm over them all
+    (NaN and Inf carry through a max, and a max cannot overflow) and one host sync; for saves, not steps."""
+    tensors = [t for t in tensors_in(states) if t.is_floating_point()]
+    return not tensors or math.isfinite(torch.nn.utils.get_total_norm(tensors, math.inf))
+
+
+def tensors_in(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [t for v in values for t in tensors_in(v)]
 
 
 # The type of each field a checkpoint of this project has (a field of another type is refused on load).
