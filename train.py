@@ -41,6 +41,8 @@ def parse_args(argv=None) -> tuple[Request, int]:
     parser.add_argument("--folds", type=int, default=0, metavar="K", help="k-fold cross-validation: K runs (0: off)")
     parser.add_argument("--data-changed", action="store_true", help="resume although the training data differ "
                         "from the checkpoint's (the resume is then not exact)")
+    parser.add_argument("--reset-best", action="store_true", help="resume with the checkpoint's own best value to "
+                        "beat, not the run's best (which a worse state may then replace)")
     parser.add_argument("--run-dir", help="train a new run in this existing directory (how --folds places each fold)")
     args = parser.parse_args(argv)
     if args.run_dir and (args.resume or not Path(args.run_dir).is_dir() or candidates(Path(args.run_dir))):
@@ -49,6 +51,8 @@ def parse_args(argv=None) -> tuple[Request, int]:
         parser.error("--folds needs K >= 2 and -c, not -r or --run-dir (run the same command again to go on)")
     if not args.config and not args.resume:
         parser.error("give a config (-c) or a checkpoint to resume (-r)")
+    if args.reset_best and not args.resume:
+        parser.error("--reset-best goes with -r: it sets the best value a resume must beat")
     if args.resume and args.finetune:
         parser.error("-r and --finetune exclude each other: resume continues a run, finetune starts one")
     if args.finetune and not args.config:

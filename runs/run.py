@@ -16,6 +16,7 @@ import math
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from config.parser import ConfigParser, diff_configs, entries_of
 from config.refs import fill_in
 from logger import setup_logging
+from logger.metrics_file import MetricsFile
 from utils import checkpoint, dist
 from utils.cli import Request
 from utils.device import select_device
@@ -54,6 +56,9 @@ class Run:
     lock: Any = None  # held by rank 0 while this process trains in `dir`
     allow_data_changes: bool = False  # --data-changed: a resume on other data goes on instead of stopping
     data_changes: list[str] = field(default_factory=list)  # how the data differ from the checkpoint's (restore)
+    reset_best: bool = False  # --reset-best: the best to beat is the checkpoint's, not the run's model_best.pth
+    run_best: float | None = None  # what the run's model_best.pth records (restore), of the checkpoint's monitor
+    notes: list[str] = field(default_factory=list)  # warnings of restore, logged once train.log is open (start)
 
     @property
     def latest(self) -> Path:
@@ -77,14 +82,48 @@ class Run:
         if trainer.epoch >= trainer.epochs:
             return f"all {trainer.epochs} epochs are trained"
         patience = self.config["trainer"]["early_stop"]
-        if patience and trainer.not_improved_count >= patience and \
-                trainer.epochs <= self.state["config"]["trainer"]["epochs"]:
+        more_epochs = trainer.epochs > self.state["config"]["trainer"]["epochs"]
+        if patience and trainer.not_improved_count >= patience and not more_epochs:
             return f"it early-stopped ('{trainer.monitor_key}' did not improve for {patience} epochs)"
+        if self.dir and self.resumed_from.name == BEST and (reason := self.trained_past_best(trainer, more_epochs)):
+            return reason
         self.data_changes = data_changes(self.state.get("data", {}), trainer.data_fingerprint)
         if self.data_changes and not self.allow_data_changes:
             raise UserError(f"{self.resumed_from}: the training data differ from the checkpoint's: "
                             f"{', '.join(self.data_changes)}; to resume anyway (not exact), add --data-changed")
+        if self.dir:
+            self.keep_run_best(trainer)
         return None
+
+    def trained_past_best(self, trainer, more_epochs: bool) -> str | None:
+        """Resuming from model_best.pth, the run's only checkpoint left (the others removed): why the run is finished
+        when its metrics.csv shows it trained all its epochs or early-stopped after that best; else None, with a
+        note that the epochs after it are trained again."""
+        if [p.name for p in candidates(self.dir)] != [BEST]:
+            return None
+        trained = max(MetricsFile(self.dir / "metrics.csv", sys.maxsize).rows, default=0)
+        if trained <= trainer.epoch:
+            return None
+        patience = self.config["trainer"]["early_stop"]
+        if trained >= trainer.epochs or patience and trained - trainer.epoch >= patience and not more_epochs:
+            return (f"the run trained to epoch {trained} (metrics.csv), and {BEST}, of epoch {trainer.epoch}, is its "
+                    "only checkpoint left")
+        self.notes.append(f"{BEST} (epoch {trainer.epoch}) is the run's only checkpoint left: the epochs after it, "
+                          f"to {trained}, are trained again")
+        return None
+
+    def keep_run_best(self, trainer) -> None:
+        """The best value to beat is the run's, which its model_best.pth records: a resume from an older checkpoint
+        never lets a worse state replace it (--reset-best: the checkpoint's own, as before)."""
+        monitor = self.state.get("monitor", self.config["trainer"]["monitor"])
+        self.run_best = recorded_best(self.dir / BEST, monitor)
+        if self.reset_best or trainer.monitor_changed or self.run_best is None or \
+                not rank(self.run_best, monitor) < rank(trainer.monitor_best, monitor):
+            return
+        self.notes.append(f"{BEST} keeps the run's best {trainer.monitor_key} {self.run_best:.6g} "
+                          f"({self.resumed_from.name} records {trainer.monitor_best:.6g}); --reset-best to beat the "
+                          "checkpoint's instead")
+        trainer.monitor_best = self.run_best
 
     def start(self) -> None:
         """Training really starts: make the directory (a new run's), lock it, tidy it, write the resolved
@@ -98,18 +137,22 @@ class Run:
             checkpoint.save_atomic((json.dumps(self.config.config, indent=2) + "\n").encode(),
                                    self.dir / "config.json", "config")
         setup_logging(self.dir / "train.log", self.config["trainer"]["verbosity"], dist.rank())
-        if self.state and dist.is_main():
-            self.repair_best()
+        if dist.is_main():
+            for note in self.notes:
+                log.warning("%s", note)
+            if self.state:
+                self.repair_best()
 
     def repair_best(self) -> None:
         """model_best.pth behind the best the checkpoint records (a kill between the files of an older version's
         save, a file removed by hand): when that best is the checkpoint's own epoch-end state, write it again."""
-        state = self.state
+        state, best = self.state, self.run_best  # None: no model_best.pth, or a damaged one
         if state["not_improved_count"] or state["batch_in_epoch"] or not math.isfinite(state["monitor_best"]):
             return
-        with contextlib.suppress(UserError):  # damaged: rewritten below
-            if (self.dir / BEST).exists() and checkpoint.load(self.dir / BEST)["monitor_best"] == state["monitor_best"]:
-                return
+        monitor = state.get("monitor", self.config["trainer"]["monitor"])
+        if best is not None and (best == state["monitor_best"] or
+                                 not self.reset_best and rank(best, monitor) < rank(state["monitor_best"], monitor)):
+            return  # model_best.pth holds the checkpoint's best, or the better best of the run's history
         checkpoint.save_atomic(self.resumed_from.read_bytes(), self.dir / BEST)
         log.warning("%s was behind %s: written again from it", BEST, self.resumed_from.name)
 
@@ -145,7 +188,7 @@ def open_run(request: Request) -> Run:
                         "a resume keeps the architecture; use --finetune to start a new run from its weights")
     return Run(config, start_process(config, request), folder or (Path(request.run_dir) if request.run_dir else None),
                path, state, diff_configs(state["config"], config.config) if state else [],
-               allow_data_changes=request.data_changed)
+               allow_data_changes=request.data_changed, reset_best=request.reset_best)
 
 
 def open_checkpoint(request: Request) -> Run:
@@ -286,10 +329,28 @@ def new_run_dir(config: ConfigParser, device: torch.device | None = None) -> Pat
 
 
 def candidates(run_dir: Path) -> list[Path]:
-    """Resumable checkpoints of a run, newest first (model_best is a copy of an older state)."""
+    """Resumable checkpoints of a run, newest first; model_best.pth (a copy of an older state) last, for a run whose
+    other checkpoints were removed."""
     files = [p for p in Path(run_dir).glob("*.pth") if p.name != BEST]
     # file times are coarse: on a tie, latest.pth (written by mid-epoch saves too) is the newer state
-    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == LATEST), reverse=True)
+    files.sort(key=lambda p: (p.stat().st_mtime_ns, p.name == LATEST), reverse=True)
+    return files + [p for p in [Path(run_dir) / BEST] if p.is_file()]
+
+
+def rank(value: float, monitor: str) -> float:
+    """A monitored value as a sort key, lower is better ('max val_accuracy' negates it)."""
+    return -value if monitor.startswith("max") else value
+
+
+def recorded_best(path: Path, monitor: str) -> float | None:
+    """The best value a checkpoint records, when it loads and is of `monitor` (older ones: taken as of it)."""
+    if not path.is_file():
+        return None
+    try:
+        state = checkpoint.load(path)
+    except UserError:
+        return None
+    return state["monitor_best"] if state.get("monitor", monitor) == monitor else None
 
 
 def load_newest(run_dir: Path) -> tuple[Path, dict]:

@@ -1,20 +1,38 @@
-"""No save replaces a good file with a worse one (issue 27): NaN state is never written. Real train.py
-processes, files on disk."""
+"""No save replaces a good file with a worse one (issue 27): NaN state is never written, a resume from an older
+checkpoint keeps the run's best, and a run left with model_best.pth alone resumes from it or says it is
+finished. Real train.py processes, files on disk."""
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_config, run, run_dirs
+from runs.run import candidates
 from test_bad_input import ENV, EPOCH_CALLS, FIRST_CALLS, flaky_loss
 from utils import checkpoint
 
 QUICK = {"trainer.tensorboard": False, "trainer.epochs": 3}
+KEPT = {**QUICK, "trainer.keep_last": 2}
 
 
 def state(path: Path) -> dict:
     return torch.load(path, weights_only=True)
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    """The run copied into tmp_path/saved/tiny as the newest run of config 'tiny' there (for -r auto)."""
+    return Path(shutil.copytree(run_dir, tmp_path / "saved" / "tiny" / "20990101-000000"))
+
+
+@pytest.fixture(scope="module")
+def three_epochs(tmp_path_factory, tiny_mnist) -> Path:
+    """A 3-epoch run (val_loss falls every epoch here) keeping its 2 last periodic files."""
+    tmp_path = tmp_path_factory.mktemp("three_epochs")
+    result = run("train.py", "-c", make_config(tmp_path, tiny_mnist, KEPT))
+    assert result.returncode == 0, result.stderr
+    return run_dirs(tmp_path / "saved")[0]
 
 
 @pytest.mark.quick
@@ -49,3 +67,50 @@ def test_a_nan_between_saves_never_replaces_the_last_good_checkpoint(tmp_path, t
     assert (latest["epoch"], latest["global_step"]) == (1, 30)
     assert checkpoint.all_finite(latest["model"], latest["optimizer"])
     assert state(run_dir / "model_best.pth")["epoch"] == 1
+
+
+def test_a_resume_from_an_older_checkpoint_keeps_the_runs_best(tmp_path, three_epochs):
+    """Resumed from epoch 2 with a tiny learning rate, epoch 3 trains worse than the run's own epoch 3 but better
+    than epoch 2: model_best.pth stays. With --reset-best the checkpoint's best is the one to beat."""
+    run_dir = copy_run(three_epochs, tmp_path)
+    best = (run_dir / "model_best.pth").read_bytes()
+    result = run("train.py", "-r", run_dir / "checkpoint-epoch2.pth", "--lr", "1e-5")
+    assert result.returncode == 0, result.stderr
+    run_best = state(run_dir / "model_best.pth")["monitor_best"]
+    assert f"model_best.pth keeps the run's best val_loss {run_best:.6g} (checkpoint-epoch2.pth records " \
+        in result.stdout, result.stdout
+    assert (run_dir / "model_best.pth").read_bytes() == best
+    resumed = state(run_dir / "latest.pth")
+    assert (resumed["epoch"], resumed["monitor_best"], resumed["not_improved_count"]) == (3, run_best, 1)
+
+    reset = run("train.py", "-r", run_dir / "checkpoint-epoch2.pth", "--lr", "1e-5", "--reset-best")
+    assert reset.returncode == 0, reset.stderr
+    worse = state(run_dir / "model_best.pth")
+    assert worse["epoch"] == 3 and worse["monitor_best"] > run_best
+
+
+def test_a_run_left_with_model_best_alone_resumes_from_it_or_says_it_is_finished(tmp_path, tiny_mnist, three_epochs):
+    run_dir = copy_run(three_epochs, tmp_path)
+    config = make_config(tmp_path, tiny_mnist, KEPT)
+    for path in run_dir.glob("*.pth"):
+        if path.name != "model_best.pth":
+            path.unlink()
+    assert [p.name for p in candidates(run_dir)] == ["model_best.pth"]
+    done = run("train.py", "-r", "auto", "-c", config)
+    assert done.returncode == 0 and done.stdout.strip() == \
+        f"{run_dir / 'model_best.pth'}: nothing to do: all 3 epochs are trained (--epochs N trains further)"
+
+    # as if the best had been epoch 2: metrics.csv says the run went on to epoch 3
+    shutil.copy(three_epochs / "checkpoint-epoch2.pth", run_dir / "model_best.pth")
+    done = run("train.py", "-r", run_dir)
+    assert done.returncode == 0 and "nothing to do: the run trained to epoch 3 (metrics.csv), and model_best.pth, " \
+        "of epoch 2, is its only checkpoint left" in done.stdout, done.stdout + done.stderr
+    assert [p.name for p in run_dir.glob("*.pth")] == ["model_best.pth"]
+
+    # asked for a 4th epoch: model_best.pth of epoch 2 is where it goes on, and it says so
+    resumed = run("train.py", "-r", "auto", "-c", config, "--epochs", "4")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming {run_dir / 'model_best.pth'} at epoch 3" in resumed.stdout, resumed.stdout
+    assert "model_best.pth (epoch 2) is the run's only checkpoint left: the epochs after it, to 3, are trained " \
+        "again" in resumed.stdout
+    assert state(run_dir / "latest.pth")["epoch"] == 4

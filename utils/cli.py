@@ -30,6 +30,7 @@ class Request:
     finetune: str | None = None  # a new run from these model weights
     run_dir: str | None = None  # a new run in this existing folder (a fold)
     data_changed: bool = False  # a resume on data that differ from the checkpoint's goes on (not exact)
+    reset_best: bool = False  # a resume's best value to beat is its checkpoint's, not the run's model_best.pth
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -56,7 +57,7 @@ def request_of(args: argparse.Namespace) -> Request:
     overrides += args.set + ([f"device={json.dumps(args.device)}"] if args.device else [])
     return Request(args.config, getattr(args, "resume", None), overrides, bool(args.device), args.trust_config,
                    getattr(args, "finetune", None), getattr(args, "run_dir", None),
-                   getattr(args, "data_changed", False))
+                   getattr(args, "data_changed", False), getattr(args, "reset_best", False))
 
 
 def run_main(main: Callable[[], int | None]) -> None:
