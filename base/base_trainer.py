@@ -72,6 +72,7 @@ class BaseTrainer:
         self.monitor_mode, _, self.monitor_key = self.options["monitor"].partition(" ")
         self.monitor_best = {"min": math.inf, "max": -math.inf}.get(self.monitor_mode, math.nan)
         self.not_improved_count = 0
+        self.monitor_value = math.nan  # the last epoch's monitored value (NaN: none), recorded for save_top_k
         self.monitor_changed: str | None = None  # a resume's checkpoint monitor, when another (log_start says so)
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0  # completed epochs; batches into the next
         self._signal, self.last_save = None, time.monotonic()
@@ -92,7 +93,7 @@ class BaseTrainer:
             "arch": ", ".join(spec["type"] for spec in self.config.entries("arch").values()),
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
             **{key: None if obj is None else obj.state_dict() for key, obj in self.stateful().items()},
-            "monitor": self.options["monitor"], "monitor_best": self.monitor_best,
+            "monitor": self.options["monitor"], "monitor_best": self.monitor_best, "monitor_value": self.monitor_value,
             "not_improved_count": self.not_improved_count,
             "rng": dist.gather_objects(checkpoint.rng_state()),  # one entry per rank
             "config": self.config.config, "finetuned_from": self.config["finetuned_from"] or {},
@@ -109,6 +110,7 @@ class BaseTrainer:
         self.global_step = state["global_step"]
         if state.get("monitor", self.options["monitor"]) == self.options["monitor"]:
             self.monitor_best, self.not_improved_count = state["monitor_best"], state["not_improved_count"]
+            self.monitor_value = state.get("monitor_value", math.nan)
         else:
             self.monitor_changed = state["monitor"]
         rngs = state["rng"]  # one per rank
@@ -223,12 +225,13 @@ class BaseTrainer:
     def _monitor(self, result: dict, validated: bool) -> tuple[bool, bool]:
         """(improved, early stop). A non-finite value never counts as an improvement; an epoch that did not
         validate (valid_period) counts neither way for a val_ metric."""
+        self.monitor_value = math.nan
         if self.monitor_mode == "off" or (self.monitor_key.startswith("val_") and not validated):
             return False, False
         if self.monitor_key not in result:
             raise TrainingError(f"trainer.monitor: '{self.monitor_key}' was not logged in epoch {self.epoch}; "
                                 f"logged: {', '.join(result)}")
-        value = result[self.monitor_key]
+        value = self.monitor_value = float(result[self.monitor_key])
         better = value < self.monitor_best if self.monitor_mode == "min" else value > self.monitor_best
         if math.isfinite(value) and better:
             self.monitor_best, self.not_improved_count = value, 0

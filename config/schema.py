@@ -96,6 +96,7 @@ TRAINER = {
     "save_dir": "saved/",  # runs go to <save_dir>/<name>/<run_id>/
     "save_period": 1,  # write a numbered checkpoint of the epoch every N epochs (0: never)
     "keep_last": 0,  # keep only the N newest numbered checkpoints (0: keep all)
+    "save_top_k": 0,  # keep the files of the k best epochs by the monitored value, top-epoch<N>-<metric>=<value>.pth
     "save_step": 0,  # also write the latest checkpoint every N optimizer steps (0: at epoch ends only)
     "save_minutes": 0.0,  # also write the latest checkpoint when this many minutes passed since the last save (0: off)
     "verbosity": 2,  # console and log file: 0 warnings, 1 info, 2 debug
@@ -133,7 +134,7 @@ def check_options(options: dict, logged_names: list[str]) -> str | None:
     if options.get("profile") is not None and check_profile(options["profile"]):
         return check_profile(options["profile"])
     if options["monitor"] == "off":
-        return None
+        return "save_top_k: ranks epochs by trainer.monitor, which is off" if options.get("save_top_k") else None
     match = re.fullmatch(r"(min|max) (\S+)", options["monitor"])
     if not match:
         return f"monitor: expected 'min <metric>', 'max <metric>' or 'off', got {options['monitor']!r}"

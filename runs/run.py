@@ -4,7 +4,7 @@ files written and tidied. No other file decides anything about resuming.
 
     <save_dir>/<name>/<YYYYmmdd-HHMMSS>[-N]/   config.json  train.log  metrics.csv  tensorboard/  run.lock
                                                latest.pth  model_best.pth  checkpoint-epoch<N>.pth
-                                               test-results.jsonl
+                                               top-epoch<N>-<metric>=<value>.pth  test-results.jsonl
 """
 
 import contextlib
@@ -39,6 +39,7 @@ LATEST, BEST, LOCK = "latest.pth", "model_best.pth", "run.lock"
 CHECKPOINT_HELP = f"checkpoint file, or run directory (its {BEST}, else {LATEST})"  # -r of test, predict, export
 TEST_RESULTS = "test-results.jsonl"  # test.py appends one line per evaluation of a checkpoint in the folder
 PERIODIC = re.compile(r"checkpoint-epoch(\d+)\.pth")  # not 'checkpoint-epoch1 (copy).pth'
+TOP = "top-epoch{epoch}-{key}={value:.6g}.pth"  # save_top_k's files: the epoch and its monitored value
 RUN_ID = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")  # <YYYYmmdd-HHMMSS>[-N], as new runs are named
 
 
@@ -59,6 +60,7 @@ class Run:
     reset_best: bool = False  # --reset-best: the best to beat is the checkpoint's, not the run's model_best.pth
     run_best: float | None = None  # what the run's model_best.pth records (restore), of the checkpoint's monitor
     notes: list[str] = field(default_factory=list)  # warnings of restore, logged once train.log is open (start)
+    top: dict[str, float] = field(default_factory=dict)  # save_top_k: file name -> rank (start reads the files)
 
     @property
     def latest(self) -> Path:
@@ -142,6 +144,8 @@ class Run:
                 log.warning("%s", note)
             if self.state:
                 self.repair_best()
+            if self.config["trainer"]["save_top_k"]:
+                self.top = read_top(self.dir, self.config["trainer"]["monitor"])
 
     def repair_best(self) -> None:
         """model_best.pth behind the best the checkpoint records (a kill between the files of an older version's
@@ -157,12 +161,15 @@ class Run:
         log.warning("%s was behind %s: written again from it", BEST, self.resumed_from.name)
 
     def save(self, state: dict, epoch: int | None = None, improved: bool = False) -> None:
-        """Write `state` (rank 0). At the end of `epoch`: model_best.pth and the periodic file first, latest.pth
-        last (a kill in between leaves it at the previous epoch, trained again on resume), then keep_last."""
+        """Write `state` (rank 0). At the end of `epoch`: model_best.pth, the periodic file and the top-k file first,
+        latest.pth last (a kill in between leaves it at the previous epoch, trained again on resume), then keep_last
+        and save_top_k remove what they no longer keep."""
         options = self.config["trainer"]
         names = [BEST] if improved else []
         if epoch and options["save_period"] and epoch % options["save_period"] == 0:
             names.append(f"checkpoint-epoch{epoch}.pth")
+        if epoch and options["save_top_k"] and (top := self.top_name(state, options["save_top_k"])):
+            names.append(top)
         data = checkpoint.serialize(state)
         for name in [*names, LATEST]:
             checkpoint.save_atomic(data, self.dir / name)
@@ -170,7 +177,23 @@ class Run:
             numbered = {int(m[1]): p for p in self.dir.glob("*.pth") if (m := PERIODIC.fullmatch(p.name))}
             for old in sorted(numbered)[: -options["keep_last"]]:
                 numbered[old].unlink(missing_ok=True)
+        for old in sorted(self.top, key=self.top.get)[options["save_top_k"]:]:
+            (self.dir / old).unlink(missing_ok=True)
+            del self.top[old]
         log.debug("Saved %s at epoch %d, step %d", ", ".join([*names, LATEST]), state["epoch"], state["global_step"])
+
+    def top_name(self, state: dict, k: int) -> str | None:
+        """save_top_k: the file name for this epoch-end `state` when its monitored value is among the run's k best
+        (counted in `top`, which the name then joins); else None. A tie keeps the older file."""
+        value, monitor = state["monitor_value"], state["monitor"]
+        if not math.isfinite(value):  # monitoring off, or an epoch that did not validate
+            return None
+        name = TOP.format(epoch=state["epoch"], key=re.sub(r"[^\w.-]", "_", monitor.partition(" ")[2]), value=value)
+        ranked = {**self.top, name: rank(value, monitor)}
+        if name not in sorted(ranked, key=ranked.get)[:k]:
+            return None
+        self.top = ranked
+        return name
 
     def left_to_resume(self) -> str:
         """What an error that stops the run leaves to resume from: its newest checkpoint, by name."""
@@ -351,6 +374,24 @@ def recorded_best(path: Path, monitor: str) -> float | None:
     except UserError:
         return None
     return state["monitor_best"] if state.get("monitor", monitor) == monitor else None
+
+
+def read_top(run_dir: Path, monitor: str) -> dict[str, float]:
+    """save_top_k's files of `monitor` in `run_dir` and their ranks, from the values the files record (not their
+    names): what a resume keeps on counting. A file that does not load is left as it is, and not counted."""
+    top = {}
+    key = re.escape(re.sub(r"[^\w.-]", "_", monitor.partition(" ")[2]))
+    for path in sorted(run_dir.glob("top-epoch*.pth")):
+        if not re.fullmatch(rf"top-epoch\d+-{key}=[^=]*\.pth", path.name):
+            continue
+        try:
+            state = checkpoint.load(path)
+        except UserError as e:
+            log.warning("save_top_k: not counting %s", e)
+            continue
+        if state.get("monitor") == monitor and math.isfinite(state.get("monitor_value", math.nan)):
+            top[path.name] = rank(state["monitor_value"], monitor)
+    return top
 
 
 def load_newest(run_dir: Path) -> tuple[Path, dict]:

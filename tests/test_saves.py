@@ -1,6 +1,6 @@
-"""No save replaces a good file with a worse one (issue 27): NaN state is never written, a resume from an older
-checkpoint keeps the run's best, and a run left with model_best.pth alone resumes from it or says it is
-finished. Real train.py processes, files on disk."""
+"""No save replaces a good file with a worse one (issue 27, points 5-8): NaN state is never written, a resume
+from an older checkpoint keeps the run's best, save_top_k keeps the k best epochs across resumes, and a run
+left with model_best.pth alone resumes from it or says it is finished. Real train.py processes, files on disk."""
 
 import shutil
 from pathlib import Path
@@ -8,17 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from config.parser import ConfigParser
 from conftest import make_config, run, run_dirs
 from runs.run import candidates
 from test_bad_input import ENV, EPOCH_CALLS, FIRST_CALLS, flaky_loss
 from utils import checkpoint
+from utils.errors import UserError
 
 QUICK = {"trainer.tensorboard": False, "trainer.epochs": 3}
-KEPT = {**QUICK, "trainer.keep_last": 2}
+KEPT = {**QUICK, "trainer.save_top_k": 2, "trainer.keep_last": 2}
 
 
 def state(path: Path) -> dict:
     return torch.load(path, weights_only=True)
+
+
+def tops(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.glob("top-epoch*.pth"))}
 
 
 def copy_run(run_dir: Path, tmp_path: Path) -> Path:
@@ -28,7 +34,7 @@ def copy_run(run_dir: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def three_epochs(tmp_path_factory, tiny_mnist) -> Path:
-    """A 3-epoch run (val_loss falls every epoch here) keeping its 2 last periodic files."""
+    """A 3-epoch run keeping its 2 best epochs (val_loss falls every epoch here) and its 2 last periodic files."""
     tmp_path = tmp_path_factory.mktemp("three_epochs")
     result = run("train.py", "-c", make_config(tmp_path, tiny_mnist, KEPT))
     assert result.returncode == 0, result.stderr
@@ -69,11 +75,29 @@ def test_a_nan_between_saves_never_replaces_the_last_good_checkpoint(tmp_path, t
     assert state(run_dir / "model_best.pth")["epoch"] == 1
 
 
-def test_a_resume_from_an_older_checkpoint_keeps_the_runs_best(tmp_path, three_epochs):
+def test_top_k_keeps_the_best_epochs_by_their_recorded_values(three_epochs):
+    files = {name: state(three_epochs / name) for name in tops(three_epochs)}
+    names = [f"top-epoch{s['epoch']}-val_loss={s['monitor_value']:.6g}.pth" for s in files.values()]
+    assert sorted(files) == sorted(names)
+    assert sorted(s["epoch"] for s in files.values()) == [2, 3]
+    best = next(name for name, s in files.items() if s["epoch"] == 3)
+    assert (three_epochs / "model_best.pth").read_bytes() == (three_epochs / best).read_bytes()
+    assert sorted(p.name for p in three_epochs.glob("checkpoint-epoch*.pth")) == [
+        "checkpoint-epoch2.pth", "checkpoint-epoch3.pth"]  # keep_last, on its own
+
+
+def test_top_k_needs_a_monitor(tmp_path, tiny_mnist):
+    path = make_config(tmp_path, tiny_mnist, {"trainer.monitor": "off", "trainer.save_top_k": 2})
+    with pytest.raises(UserError, match="trainer.save_top_k: ranks epochs by trainer.monitor, which is off"):
+        ConfigParser.from_file(path)
+
+
+def test_a_resume_from_an_older_checkpoint_keeps_the_runs_best_and_top_k(tmp_path, three_epochs):
     """Resumed from epoch 2 with a tiny learning rate, epoch 3 trains worse than the run's own epoch 3 but better
-    than epoch 2: model_best.pth stays. With --reset-best the checkpoint's best is the one to beat."""
+    than epoch 2: model_best.pth stays, and the top 2 are the run's epoch 3 and the new one (read from the files:
+    the new process drops epoch 2's). With --reset-best the checkpoint's best is the one to beat."""
     run_dir = copy_run(three_epochs, tmp_path)
-    best = (run_dir / "model_best.pth").read_bytes()
+    best, before = (run_dir / "model_best.pth").read_bytes(), tops(run_dir)
     result = run("train.py", "-r", run_dir / "checkpoint-epoch2.pth", "--lr", "1e-5")
     assert result.returncode == 0, result.stderr
     run_best = state(run_dir / "model_best.pth")["monitor_best"]
@@ -82,6 +106,9 @@ def test_a_resume_from_an_older_checkpoint_keeps_the_runs_best(tmp_path, three_e
     assert (run_dir / "model_best.pth").read_bytes() == best
     resumed = state(run_dir / "latest.pth")
     assert (resumed["epoch"], resumed["monitor_best"], resumed["not_improved_count"]) == (3, run_best, 1)
+    kept, new3 = tops(run_dir), f"top-epoch3-val_loss={resumed['monitor_value']:.6g}.pth"
+    old3 = next(name for name in before if "epoch3" in name)
+    assert resumed["monitor_value"] > run_best and sorted(kept) == sorted([old3, new3]) and kept[old3] == before[old3]
 
     reset = run("train.py", "-r", run_dir / "checkpoint-epoch2.pth", "--lr", "1e-5", "--reset-best")
     assert reset.returncode == 0, reset.stderr

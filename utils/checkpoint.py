@@ -70,8 +70,8 @@ def tensors_in(value) -> list[torch.Tensor]:
 
 # The type of each field a checkpoint of this project has (a field of another type is refused on load).
 FIELDS = {"version": int, "arch": str, "epoch": int, "batch_in_epoch": int, "global_step": int, "model": dict,
-          "optimizer": dict, "monitor": str, "monitor_best": float, "not_improved_count": int, "rng": list,
-          "config": dict, "data": dict, "classes": list, "data_values": dict, "finetuned_from": dict}
+          "optimizer": dict, "monitor": str, "monitor_best": float, "monitor_value": float, "not_improved_count": int,
+          "rng": list, "config": dict, "data": dict, "classes": list, "data_values": dict, "finetuned_from": dict}
 RNG_KEYS = {"python", "numpy", "torch", "cuda"}
 
 
