@@ -4,18 +4,26 @@ Hostile checkpoints are made from a real one by putting, in each role, a call to
 `subprocess.run`, `builtins.exec`, or a class of a module on PYTHONPATH whose import writes a marker.
 Every case runs through train.py's and test.py's own `main` (one process for the whole table, as in
 test_bad_input.py); a few also run as separate processes. No marker may ever appear.
+
+Last, files whose tensors declare more bytes than they hold, refused before torch.load allocates anything.
 """
 
+import io
 import json
 import os
+import struct
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT, make_config, run, run_dirs
+from utils import checkpoint
+from utils.errors import UserError
 
 ROLES = ["arch", "data_loader", "loss", "metrics", "optimizer", "lr_scheduler"]
 ATTACKS = ["os.system", "subprocess.run", "builtins.exec", "module"]
@@ -169,3 +177,83 @@ def test_shipped_configs_resolve_within_what_a_checkpoint_may_name():
 
     for path in sorted((ROOT / "configs").glob("*.*")):
         ConfigParser.from_dict(load_file(path), f"{path} (its config)", restricted=True)
+
+
+# ---- declared tensor sizes against the file ------------------------------------------------------------------
+MARK = 12345  # the numel of the tensor whose record is rewritten
+
+
+def oversized_checkpoint(state: dict, path: Path, nbytes: int, compressed: bool) -> None:
+    """`state` and a uint8 tensor that declares `nbytes`; its record is `nbytes` of zeros compressed (torch.load
+    would inflate them all), or is left at MARK bytes."""
+    buffer = io.BytesIO()
+    torch.save({**state, "padding": torch.zeros(MARK, dtype=torch.uint8)}, buffer)
+    with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(path, "w") as out:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("/data.pkl"):  # the storage's numel, just before the end of its tuple
+                assert data.count(b"M" + struct.pack("<H", MARK) + b"t") == 1
+                data = data.replace(b"M" + struct.pack("<H", MARK) + b"t", b"J" + struct.pack("<i", nbytes) + b"t")
+            if info.file_size == MARK and compressed:
+                record = zipfile.ZipInfo(info.filename)
+                record.compress_type, chunk = zipfile.ZIP_DEFLATED, bytes(1 << 24)
+                with out.open(record, "w", force_zip64=True) as f:
+                    for _ in range(nbytes // len(chunk)):
+                        f.write(chunk)
+                continue
+            out.writestr(info.filename, data)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("compressed", [False, True])
+def test_declared_sizes_beyond_the_file_are_refused_before_loading(tmp_path, compressed):
+    path = tmp_path / "oversized.pth"
+    oversized_checkpoint({"model": {}, "config": {}}, path, 1 << 25, compressed)
+    assert path.stat().st_size < 1 << 16
+    expected = (r"record \S+ declares 33,554,432 bytes \(" if compressed
+                else "tensor data/0 declares 33,554,432 bytes, and the file holds 12,345")
+    with pytest.raises(UserError, match=f"{path}: not a loadable checkpoint: its {expected}"):
+        checkpoint.load(path)
+
+
+@pytest.mark.quick
+def test_legacy_format_is_refused_and_real_checkpoints_still_load(tmp_path):
+    """Views, shared storages, empty tensors and every element size load as saved."""
+    base = torch.arange(24, dtype=torch.float64)
+    state = {"model": {"view": base[3:9].view(2, 3), "same": base, "t": base.t() if base.dim() == 2 else base[::2],
+                       "empty": torch.zeros(0), "bf16": torch.ones(5, dtype=torch.bfloat16),
+                       "complex": torch.ones(3, dtype=torch.complex64), "bool": torch.ones(2, dtype=torch.bool)},
+             "config": {}}
+    torch.save(state, tmp_path / "good.pth")
+    loaded = checkpoint.load(tmp_path / "good.pth")
+    for key, value in state["model"].items():
+        assert torch.equal(loaded["model"][key], value) and loaded["model"][key].dtype == value.dtype
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(UserError, match="legacy format .* cannot be checked before loading"):
+        checkpoint.load(tmp_path / "legacy.pth")
+
+
+@pytest.fixture(scope="module")
+def inflating(tmp_path_factory, trained) -> Path:
+    """The trained checkpoint with 1 GiB of compressed zeros in a record (the file: about 1 MB)."""
+    path = tmp_path_factory.mktemp("inflating") / "inflating.pth"
+    oversized_checkpoint(torch.load(trained[1], weights_only=True), path, 1 << 30, compressed=True)
+    return path
+
+
+@pytest.mark.parametrize("script", ["test.py", "train.py"])
+def test_a_small_file_declaring_a_gigabyte_is_refused_at_once_without_the_memory(script, inflating):
+    """The process's peak RSS (os.wait4) stays below the GiB the file declares; torch.load would inflate it."""
+    assert inflating.stat().st_size < 4 << 20
+    with open(inflating.with_suffix(".err"), "w+") as err:
+        began = time.monotonic()
+        process = subprocess.Popen([sys.executable, str(ROOT / script), "-r", str(inflating)], cwd=inflating.parent,
+                                   stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "CI": "true"})
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.monotonic() - began
+        err.seek(0)
+        stderr = err.read()
+    assert os.waitstatus_to_exitcode(status) == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"{inflating}: not a loadable checkpoint: its record " in stderr and "1,073,741,824 bytes" in stderr
+    assert usage.ru_maxrss * 1024 < 1 << 30, usage.ru_maxrss  # kilobytes on Linux
+    assert seconds < 120

@@ -8,10 +8,13 @@ import hashlib
 import io
 import math
 import os
+import pickle
 import random
 import re
 import warnings
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,6 +88,7 @@ def load(path: str | Path) -> dict:
     try:
         with warnings.catch_warnings():  # e.g. a plain pickle's protocol warning: the error below says it all
             warnings.simplefilter("ignore")
+            check_declared_sizes(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever the damage, the answer is the same
         raise UserError(f"{path}: not a loadable checkpoint: {load_failure(e)}") from None
@@ -99,6 +103,85 @@ def load(path: str | Path) -> dict:
     if state.get("version", 0) > VERSION:
         raise UserError(f"{path}: checkpoint version {state['version']} is newer than this code ({VERSION})")
     return state
+
+
+# torch.save's legacy format (before PyTorch 1.6, not a zip) starts with this magic number, pickled
+LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+class Inert:
+    """What every global of a checkpoint's pickle becomes while its sizes are read: called, filled or set, it
+    does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class DeclaredSizes(pickle.Unpickler):
+    """Reads a checkpoint's data.pkl and builds nothing: each global is `Inert` (a storage type: its dtype),
+    each tensor storage, ('storage', type, key, location, numel) as torch.save writes it, only records its
+    declared bytes by key."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.declared: dict[str, int] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] == "torch" and name.endswith("Storage"):
+            dtype = getattr(getattr(torch, name, None), "dtype", None)
+            return dtype if isinstance(dtype, torch.dtype) else torch.uint8  # UntypedStorage: bytes
+        return Inert
+
+    def persistent_load(self, pid: Any) -> Inert:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[4], int):
+            if not isinstance(pid[1], torch.dtype):
+                raise ValueError(f"its tensor data/{pid[2]} has no known storage type")
+            key = str(pid[2])
+            self.declared[key] = max(self.declared.get(key, 0), pid[4] * pid[1].itemsize)
+        return Inert()
+
+
+def check_declared_sizes(path: Path) -> None:
+    """Refuse, before torch.load allocates anything, a file whose tensors ask for more memory than it holds:
+    torch allocates each storage at the size the pickle declares, and inflates a compressed record whatever
+    its size (a small file of compressed zeros takes gigabytes). torch.save stores its records uncompressed."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if LEGACY_MAGIC in f.read(16):
+                raise ValueError("it is in torch's legacy format (before PyTorch 1.6), whose tensor sizes cannot "
+                                 "be checked before loading: load it where you trust it and save it again")
+        return  # not a checkpoint at all: torch.load says what it is
+    file_size = path.stat().st_size
+    records = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.file_size > info.compress_size or info.header_offset + info.compress_size > file_size:
+                raise ValueError(f"its record {info.filename} declares {info.file_size:,} bytes "
+                                 f"({info.compress_size:,} in the file), more than the file holds")
+            if records.setdefault(info.filename, info) is not info:
+                raise ValueError(f"its record {info.filename} appears twice")
+        pickles = [name for name in records if name.endswith("/data.pkl") and name.count("/") == 1]
+        if len(pickles) != 1:
+            return  # not torch's layout: torch.load says so
+        reader = DeclaredSizes(archive.read(pickles[0]))
+        reader.load()
+    prefix = pickles[0].removesuffix("data.pkl")
+    for key, declared in reader.declared.items():
+        held = records[f"{prefix}data/{key}"].file_size if f"{prefix}data/{key}" in records else 0
+        if declared > held:
+            raise ValueError(f"its tensor data/{key} declares {declared:,} bytes, and the file holds {held:,}")
 
 
 def load_failure(error: Exception) -> str:
