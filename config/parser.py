@@ -53,6 +53,13 @@ def entries_of(role: str, spec: Any) -> dict[str, tuple[str, Any]]:
     return {n: (f"{role}.{n}", entry) for n, entry in spec.items()} if is_named(spec) else {"model": (role, spec)}
 
 
+def without_downloads(args: Any) -> Any:
+    """`args` with every `download` key, at any depth, false: a checkpoint's config never fetches files."""
+    if not isinstance(args, dict):
+        return args
+    return {key: False if key == "download" else without_downloads(value) for key, value in args.items()}
+
+
 class ConfigParser:
     """A checked config and the one place that turns its `{type, args}` entries into objects."""
 
@@ -235,6 +242,8 @@ class ConfigParser:
 
     def _call(self, role: str, spec: dict, where: str, *args: Any, **kwargs: Any) -> Any:
         target, given = self.callables[where], self._args(spec, where)
+        if self.restricted and role == "data_loader":
+            given = without_downloads(given)
         try:
             built = target(*args, **{**given, **kwargs})
         except (TypeError, ValueError) as e:

@@ -23,16 +23,60 @@ ROLE_MODULES = {"arch": ["model.model"], "data_loader": ["data_loader.data_loade
                 "dataset": ["torchvision.datasets"], "transform": ["torchvision.transforms.v2"]}
 
 
-# What a config read back from a checkpoint may name without --trust-config: modules in these packages
-# (this project's role packages, and torch/torchvision code that only builds objects), decided from the
-# name before anything is imported. A config given with -c may name any importable callable.
-TRUSTED_PACKAGES = ("model", "data_loader", "trainer", "torch.nn", "torch.optim", "torchvision.models",
-                    "torchvision.transforms", "torchvision.datasets")
+# What a config read back from a checkpoint may name for each role without --trust-config, decided from the
+# object before anything is called: (packages whose classes of the role's kind it may name, modules whose
+# functions it may name). A dotted path outside them is not even imported. arch may also name a model builder
+# registered in torchvision.models, and a function of model.model only if it is annotated to return a model.
+# Anything else is refused, however trusted its package: torch.save, a download helper, torch.nn.init.* ...
+# A config given with -c may name any importable callable.
+CHECKPOINT_KINDS = {
+    "arch": (("model", "torch.nn", "torchvision.models"), ("model.model",)),
+    "loss": (("model", "torch.nn.modules.loss"), ("model.loss",)),
+    "metrics": (("model.metric",), ("model.metric",)),
+    "optimizer": (("torch.optim",), ()),
+    "lr_scheduler": (("torch.optim",), ()),
+    "dataset": (("torchvision.datasets", "data_loader"), ()),
+    "transform": (("torchvision.transforms", "data_loader"), ()),
+    "trainer": (("trainer",), ()),
+    "data_loader": (("data_loader",), ()),
+}
 TRUST_HINT = "give your own config with -c, or --trust-config if you trust this checkpoint"
 
 
-def is_trusted_module(module_name: str) -> bool:
-    return any(module_name == p or module_name.startswith(p + ".") for p in TRUSTED_PACKAGES)
+def within(module_name: str, packages: tuple[str, ...]) -> bool:
+    return any(module_name == p or module_name.startswith(p + ".") for p in packages)
+
+
+def checkpoint_may_name(role: str) -> str:
+    """What a checkpoint's config may name for `role`, in words."""
+    classes_from, functions_from = CHECKPOINT_KINDS[role]
+    allowed = [f"a class of ({', '.join(classes_from)})"] + [f"a function of {m}" for m in functions_from]
+    if role == "arch":
+        allowed = [allowed[0], "a function of model.model annotated to return a model",
+                   "a model builder of torchvision.models"]
+    return f"{role} may name only: {', '.join(allowed)}"
+
+
+def is_model_builder(target: Callable) -> bool:
+    """`target` is a model builder torchvision.models registers (resnet18, vit_b_16, ...)."""
+    from torchvision import models
+
+    return any(models.get_model_builder(name) is target for name in models.list_models())
+
+
+def untrusted(role: str, target: Callable) -> str | None:
+    """What `target` is, if a checkpoint's config may not name it for `role` (see CHECKPOINT_KINDS), or None."""
+    classes_from, functions_from = CHECKPOINT_KINDS[role]
+    module = getattr(target, "__module__", None) or "?"
+    if inspect.isclass(target):
+        if not within(module, classes_from):
+            return f"a class of {module}"
+        return "not an nn.Module loss class" if role == "loss" and not issubclass(target, torch.nn.Module) else None
+    if inspect.isfunction(target) and module in functions_from and (role != "arch" or returns_kind(role, target)):
+        return None
+    if role == "arch" and is_model_builder(target):
+        return None
+    return f"a {'function' if inspect.isfunction(target) else type(target).__name__} of {module}"
 
 
 def kinds() -> dict[str, tuple[tuple, str]]:
@@ -134,13 +178,14 @@ def unlisted_hint(role: str, type_name: str) -> str:
 
 def resolve(role: str, type_name: str, where: str, restricted: bool = False) -> Callable:
     """The callable a config's `type` names, looked up in the role's modules or as a dotted path, and
-    of the role's kind. `restricted`: the config came from a checkpoint, so a dotted path may only
-    name a trusted module (see TRUSTED_PACKAGES); no other module is imported."""
+    of the role's kind. `restricted`: the config came from a checkpoint, so it may only name what
+    CHECKPOINT_KINDS allows for the role; a dotted path outside it is never imported."""
+    refused = f"{where}: '{type_name}' is not trusted in a checkpoint's config"
     if "." in type_name:
         module_name, _, attr = type_name.rpartition(".")
-        if restricted and not is_trusted_module(module_name):
-            raise UserError(f"{where}: '{type_name}' is not trusted in a checkpoint's config (only this project's "
-                            f"{', '.join(TRUSTED_PACKAGES[:3])} modules and torch/torchvision classes); {TRUST_HINT}")
+        classes_from, functions_from = CHECKPOINT_KINDS[role]
+        if restricted and not within(module_name, classes_from + functions_from):
+            raise UserError(f"{refused}: it is in module {module_name}; {checkpoint_may_name(role)}; {TRUST_HINT}")
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
@@ -148,9 +193,6 @@ def resolve(role: str, type_name: str, where: str, restricted: bool = False) -> 
         if not callable(getattr(module, attr, None)):
             raise UserError(f"{where}: '{module_name}' has no callable '{attr}'{suggest(attr, dir(module))}")
         target = getattr(module, attr)
-        if restricted and not is_trusted_module(getattr(target, "__module__", None) or ""):  # imported from elsewhere
-            raise UserError(f"{where}: '{type_name}' is defined in '{target.__module__}', which a checkpoint's "
-                            f"config may not name; {TRUST_HINT}")
     else:
         available = {}
         for module_name in ROLE_MODULES[role]:
@@ -160,9 +202,10 @@ def resolve(role: str, type_name: str, where: str, restricted: bool = False) -> 
             raise UserError(f"{where}: unknown {role} type '{type_name}'{suggest(type_name, available)}; "
                             f"available: {listing}{unlisted_hint(role, type_name)}")
         target = available[type_name]
+    what = untrusted(role, target) if restricted else None
+    if what:
+        raise UserError(f"{refused}: it is {what}; {checkpoint_may_name(role)}; {TRUST_HINT}")
     problem = kind_problem(role, target)
     if problem:
         raise UserError(f"{where}: '{type_name}' {problem}")
     return target
-
-

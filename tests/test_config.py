@@ -197,8 +197,9 @@ def test_restricted_configs_name_only_trusted_modules(tmp_path, tiny_mnist):
     for name in ("collections.OrderedDict", "json.JSONDecoder", "nosuch.Module"):
         with pytest.raises(UserError, match=f"'{name}' is not trusted in a checkpoint's config"):
             ConfigParser.from_dict({**raw, "arch": {"type": name}}, "ckpt", restricted=True)
-    with pytest.raises(UserError, match="is defined in 'copy', which a checkpoint's config may not name"):
-        ConfigParser.from_dict({**raw, "arch": {"type": "torch.optim.optimizer.deepcopy", "args": {"x": 1}}},
+    with pytest.raises(UserError, match="'torch.optim.optimizer.deepcopy' is not trusted in a checkpoint's config: "
+                                         "it is a function of copy; optimizer may name only: a class of"):
+        ConfigParser.from_dict({**raw, "optimizer": {"type": "torch.optim.optimizer.deepcopy", "args": {"x": 1}}},
                                "ckpt", restricted=True)
 
 

@@ -5,6 +5,8 @@ Hostile checkpoints are made from a real one by putting, in each role, a call to
 Every case runs through train.py's and test.py's own `main` (one process for the whole table, as in
 test_bad_input.py); a few also run as separate processes. No marker may ever appear.
 
+Then helpers that merely live in torch or torchvision and write files (torch.save, download helpers ...), for
+every role that may hold a function: refused for the whole matrix in one process, and one real process each.
 Last, files whose tensors declare more bytes than they hold, refused before torch.load allocates anything.
 """
 
@@ -14,8 +16,10 @@ import os
 import struct
 import subprocess
 import sys
+import sysconfig
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -177,6 +181,146 @@ def test_shipped_configs_resolve_within_what_a_checkpoint_may_name():
 
     for path in sorted((ROOT / "configs").glob("*.*")):
         ConfigParser.from_dict(load_file(path), f"{path} (its config)", restricted=True)
+
+
+# ---- trust by role and kind: helpers that merely live in torch or torchvision -------------------------------
+# Functions of torch and torchvision that write files where their args say ({target}: a folder of the test),
+# or change tensors in place; a checkpoint's config may name none of them, for any role.
+WRITERS = {
+    "torch.save": {"obj": [1], "f": "{target}/torch.save.pth"},
+    "torch.hub.download_url_to_file": {"url": "data:,%23hostile", "dst": "{site}", "progress": False},
+    "torchvision.datasets.utils.download_url": {"url": "data:,x", "root": "{target}", "filename": "download_url"},
+    "torchvision.datasets.utils.download_and_extract_archive": {"url": "data:,x", "download_root": "{target}"},
+    "torchvision.utils.save_image": {"tensor": [[0.5]], "fp": "{target}/image.png"},
+    "torch.onnx.export": {"model": None, "args": [], "f": "{target}/model.onnx"},
+    "torch.jit.save": {"m": None, "f": "{target}/model.pt"},
+    "torch.nn.init.xavier_uniform_": {"tensor": [[0.0]]},
+}
+SITE_PTH = Path(sysconfig.get_paths()["purelib"]) / f"zz_hostile_{os.getpid()}.pth"  # Python runs a .pth at start
+
+
+def roles_that_take_a_function() -> list[str]:
+    """Every role for which a config given with -c may name a plain function (the kind check alone lets it in)."""
+    from config.resolve import ROLE_MODULES, kind_problem
+
+    return [role for role in ROLE_MODULES if kind_problem(role, torch.save) is None]
+
+
+def writer_args(name: str, target: Path) -> dict:
+    return json.loads(json.dumps(WRITERS[name]).replace("{target}", str(target)).replace("{site}", str(SITE_PTH)))
+
+
+def with_function(config: dict, role: str, name: str, args: dict) -> tuple[dict, str]:
+    """`config` with `name(**args)` in `role`, and the key its error names."""
+    spec, loader = {"type": name, "args": args}, {"type": "TorchvisionDataLoader", "args": {"dataset": "FakeData"}}
+    if role == "metrics":
+        return {**config, "metrics": [spec]}, "metrics[0].type"
+    if role == "dataset":
+        loader["args"] = {"dataset": name, "dataset_args": args}
+        return {**config, "data_loader": loader}, "data_loader.args.dataset"
+    if role == "transform":
+        loader["args"]["transforms"] = {"train": [spec]}
+        return {**config, "data_loader": loader}, "data_loader.args.transforms.train[0].type"
+    return {**config, role: spec}, f"{role}.type"
+
+
+@pytest.mark.quick
+def test_roles_that_take_a_function_are_all_covered():
+    assert set(roles_that_take_a_function()) == {"arch", "data_loader", "loss", "metrics", "optimizer", "lr_scheduler",
+                                                 "dataset", "transform"}
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("name", WRITERS)
+def test_no_role_takes_a_torch_helper_from_a_checkpoint(name):
+    """The full matrix in one process: each helper, for each role that may hold a function, passes the kind
+    check of a config given with -c (so only the trust rule stops it), and a checkpoint's config is refused."""
+    from config.resolve import TRUST_HINT, resolve
+
+    for role in roles_that_take_a_function():
+        assert resolve(role, name, "key", restricted=False) is not None
+        with pytest.raises(UserError) as refused:
+            resolve(role, name, "key", restricted=True)
+        message = str(refused.value)
+        assert message.startswith(f"key: '{name}' is not trusted in a checkpoint's config: ") and TRUST_HINT in message
+        assert f"{role} may name only: " in message and "\n" not in message
+
+
+@pytest.mark.quick
+def test_the_helpers_write_files_when_called(tmp_path):
+    """Proof that the hostile args are live: called as a config given with -c would call them, they write."""
+    from config.resolve import resolve
+
+    for name in ("torch.save", "torchvision.datasets.utils.download_url"):
+        try:
+            resolve("arch", name, "arch.type")(**writer_args(name, tmp_path))
+        except AttributeError:  # download_url: after it has opened its file, tqdm fails on a data: response
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["download_url", "torch.save.pth"]
+
+
+@pytest.mark.quick
+def test_a_checkpoint_may_still_name_what_each_role_is_for():
+    from config.resolve import resolve
+
+    for role, name in [("arch", "torchvision.models.resnet18"), ("arch", "torch.nn.Linear"), ("arch", "model.vae.VAE"),
+                       ("loss", "CrossEntropyLoss"), ("loss", "model.vae.VAELoss"), ("loss", "nll_loss"),
+                       ("metrics", "accuracy"), ("optimizer", "torch.optim.SGD"), ("lr_scheduler", "ReduceLROnPlateau"),
+                       ("dataset", "CIFAR10"), ("transform", "torchvision.transforms.Normalize"),
+                       ("transform", "RandomCrop"), ("trainer", "GanTrainer"), ("data_loader", "MnistDataLoader")]:
+        resolve(role, name, "key", restricted=True)
+    for role, name in [("loss", "torch.nn.functional.cross_entropy"), ("metrics", "model.loss.nll_loss"),
+                       ("arch", "torchvision.models.get_model"), ("dataset", "data_loader.datasets.write_idx"),
+                       ("transform", "torchvision.transforms.functional.to_pil_image")]:
+        with pytest.raises(UserError, match="is not trusted in a checkpoint's config"):
+            resolve(role, name, "key", restricted=True)
+
+
+def test_a_checkpoints_config_never_downloads(tmp_path, tiny_mnist):
+    """download: true in a checkpoint's data loader (or its dataset_args) is read as false: missing files are
+    the usual one line, and nothing is fetched or created."""
+    from config.parser import ConfigParser
+
+    raw = json.loads(make_config(tmp_path, tmp_path / "data", {"data_loader.args.download": True}).read_text())
+    args = {"dataset": "MNIST", "data_dir": str(tmp_path / "data"), "dataset_args": {"download": True},
+            "validation_split": 128}
+    torchvision_mnist = {"type": "TorchvisionDataLoader", "args": args}
+    for config in (raw, {**raw, "data_loader": torchvision_mnist}):
+        parser = ConfigParser.from_dict(config, "ckpt", restricted=True)
+        with pytest.raises(UserError, match="MNIST files not found"):
+            parser.build_data_loader(torch.device("cpu"), test=True)
+        assert list(tmp_path.iterdir()) == [tmp_path / "config.json"]
+
+
+@pytest.fixture(scope="module")
+def writers(tmp_path_factory, trained) -> Iterator[tuple[Path, dict]]:
+    """One hostile checkpoint per helper, each in a role of its own (all roles covered), and its script."""
+    work = tmp_path_factory.mktemp("writers")
+    (work / "target").mkdir()
+    state = torch.load(trained[1], weights_only=True)
+    roles, scripts = roles_that_take_a_function(), ["test.py", "train.py", "predict.py"]
+    cases = {}
+    for i, name in enumerate(WRITERS):
+        config, where = with_function(state["config"], roles[i % len(roles)], name, writer_args(name, work / "target"))
+        torch.save({**state, "config": config}, work / f"{name}.pth")
+        cases[name] = (scripts[i % len(scripts)], where)
+    yield work, cases
+    SITE_PTH.unlink(missing_ok=True)  # only if a test failed
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_real_processes_refuse_a_checkpoint_naming_a_torch_helper(name, writers, trained):
+    work, cases = writers
+    script, where = cases[name]
+    runs = trained[1].parent.parent  # train.py would start a new run here
+    before = sorted(work.iterdir()), sorted(runs.rglob("*"))
+    result = subprocess.run([sys.executable, str(ROOT / script), "-r", str(work / f"{name}.pth")], cwd=work,
+                            capture_output=True, text=True, timeout=180, env={**os.environ, "CI": "true"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{work / name}.pth (its config): {where}: '{name}' is not trusted in a checkpoint's config" in result.stderr
+    assert list((work / "target").iterdir()) == [] and not SITE_PTH.exists()
+    assert (sorted(work.iterdir()), sorted(runs.rglob("*"))) == before
 
 
 # ---- declared tensor sizes against the file ------------------------------------------------------------------
