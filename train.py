@@ -15,6 +15,7 @@ import utils.python_version  # noqa: F401 - first: an older Python stops here, i
 import gc
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,9 +80,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def train(request: Request) -> int:
+def train(request: Request, epoch_callback: Callable[[int, dict[str, float]], None] | None = None) -> int:
+    """Train the run of `request`; `epoch_callback(epoch, results)` after each epoch's checkpoint (sweep.py's)."""
     run = open_run(request)
     trainer = run.config.build_trainer(run.device, run.config.build_data_loader(run.device), run=run)
+    if epoch_callback:
+        trainer.epoch_callbacks.append(epoch_callback)
     if run.config["finetuned_from"] and not run.state:  # --finetune, or a config that records it
         checkpoint.load_model_weights(trainer.model, finetune_weights(run.config),
                                       f"--finetune {run.config['finetuned_from']['path']}")

@@ -4,6 +4,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,6 +79,9 @@ class BaseTrainer:
         self._signal, self.last_save = None, time.monotonic()
         self.writer = None  # TensorBoard, opened in train(): resume must set the global step first
         self.metrics_file, self.profiler = None, None  # metrics.csv and trainer.profile, from train()
+        # called with (epoch, results) after each epoch's checkpoint; an exception stops the run there (a sweep's
+        # pruning, runs/sweep.py)
+        self.epoch_callbacks: list[Callable[[int, dict[str, float]], None]] = []
 
     # ---- run state: save and load walk the same dict ---------------------------------------------
     def stateful(self) -> dict:
@@ -169,6 +173,8 @@ class BaseTrainer:
         self._log_epoch(epoch, result, time.perf_counter() - started)
         improved, stop = self._monitor(result, validated)
         self._save_epoch(epoch, improved)
+        for callback in self.epoch_callbacks:
+            callback(epoch, result)
         return result, stop
 
     # ---- hooks: what a subclass (or the loss, or a model) may add to the loop --------------------------

@@ -331,3 +331,18 @@ def test_a_short_last_accumulation_group_is_averaged_over_its_own_size(tmp_path)
         F.cross_entropy(trainer.model(data[start:end]), target[start:end]).backward()
         for accumulated, param in zip(grads[step], trainer.model.parameters()):
             torch.testing.assert_close(accumulated, param.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_an_epoch_callback_runs_after_the_epochs_checkpoint_and_its_exception_stops_the_run_there(tmp_path):
+    trainer = make_trainer(tmp_path, {"epochs": 3})
+    seen = []
+
+    def callback(epoch: int, result: dict) -> None:
+        seen.append((epoch, torch.load(trainer.run.latest, weights_only=True)["epoch"], "loss" in result))
+        if epoch == 2:
+            raise RuntimeError("stop here")
+
+    trainer.epoch_callbacks.append(callback)
+    with pytest.raises(RuntimeError, match="stop here"):
+        trainer.train()
+    assert seen == [(1, 1, True), (2, 2, True)] and trainer.epoch == 2
