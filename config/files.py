@@ -129,17 +129,17 @@ def parse_override(expr: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_override(config: dict, path: list[str], value: Any) -> None:
+def apply_override(config: dict, path: list[str], value: Any, what: str = "--set ") -> None:
     """Set one dotted key. It must exist already, except a new argument inside an `args` mapping or a new value
-    in `vars`."""
+    in `vars`. `what` starts its errors (a sweep's search space says where it is)."""
     node = config
     for depth, part in enumerate(path):
         where = ".".join(path[: depth + 1])
         last = depth == len(path) - 1
         if not isinstance(node, dict):
-            raise UserError(f"--set {'.'.join(path)}: '{'.'.join(path[:depth])}' is not a mapping")
+            raise UserError(f"{what}{'.'.join(path)}: '{'.'.join(path[:depth])}' is not a mapping")
         if part not in node and not (last and (path[depth - 1 : depth] == ["args"] or path[:depth] == ["vars"])):
-            raise UserError(f"--set {'.'.join(path)}: unknown key '{where}'{suggest(part, node)}")
+            raise UserError(f"{what}{'.'.join(path)}: unknown key '{where}'{suggest(part, node)}")
         if last:
             node[part] = value
         else:

@@ -97,7 +97,7 @@ class ConfigParser:
     # ---- checking -------------------------------------------------------------------------------
     def _check(self) -> None:
         cfg, src = self.resolved, self.source
-        for key in ("name", "seed", "deterministic", "device", "metrics", "trainer", "vars"):
+        for key in ("name", "seed", "deterministic", "device", "metrics", "trainer", "vars", "sweep"):
             schema.check_type(cfg[key], schema.TOP_LEVEL[key], f"{src}: {key}")
         if not cfg["name"] or "/" in cfg["name"]:
             raise UserError(f"{src}: name: must be a non-empty name without '/', got {shorten(repr(cfg['name']))}")

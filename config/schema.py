@@ -16,9 +16,10 @@ REQUIRED = object()
 # Top-level keys and their defaults. The trainer's own keys: TRAINER below.
 TOP_LEVEL = {"name": REQUIRED, "seed": 0, "deterministic": False, "device": "auto", "arch": REQUIRED,
              "data_loader": REQUIRED, "optimizer": REQUIRED, "loss": REQUIRED, "metrics": [], "lr_scheduler": None,
-             "trainer": {}, "vars": {}, "finetuned_from": None}
+             "trainer": {}, "vars": {}, "finetuned_from": None, "sweep": {}}
 # vars: the project's own values, for "${vars.<key>}" in args; finetuned_from: {path, sha256} of the checkpoint
-# whose model weights start a new run (what --finetune records)
+# whose model weights start a new run (what --finetune records); sweep: sweep.py's search space (runs/sweep.py
+# checks it; train.py ignores it)
 # Arguments the framework passes itself, so a config need not (and may not always) give them.
 INJECTED = {"optimizer": {"params"}, "lr_scheduler": {"optimizer"}, "data_loader": {"seed", "training"}}
 SCHEDULER_INTERVALS = ("epoch", "step")

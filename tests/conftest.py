@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,34 @@ def read_test_results(folder: Path) -> list[dict]:
 def run_dirs(save_dir: Path, name: str = "tiny") -> list[Path]:
     """Run directories of config `name`, oldest first."""
     return sorted(p for p in (Path(save_dir) / name).glob("*") if p.is_dir())
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server for the session (initdb + pg_ctl in a temporary folder, on a free port), as the
+    unprivileged user `nobody` when the tests run as root (the server refuses root); its URL."""
+    import shutil
+    import socket
+    import tempfile
+
+    if not all(shutil.which(tool) for tool in ("initdb", "pg_ctl", "postgres")):
+        pytest.skip("PostgreSQL's binaries (initdb, pg_ctl, postgres) are not on PATH")
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="postgres-"))  # not under pytest's root-only tmp folders
+    if as_user:
+        shutil.chown(folder, "nobody")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = folder / "data"
+    subprocess.run([*as_user, "initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"], check=True,
+                   capture_output=True, timeout=120)
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run([*as_user, "pg_ctl", "-D", data, "-o", options, "-l", folder / "log", "-w", "start"], check=True,
+                   capture_output=True, timeout=120)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"], capture_output=True,
+                       timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)

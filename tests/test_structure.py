@@ -130,6 +130,6 @@ def test_an_older_python_is_refused_in_one_line_before_a_script_imports_anything
     python_version.check((*python_version.MINIMUM, 0))
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert requires == ">={}.{}".format(*python_version.MINIMUM)
-    for script in ("train.py", "test.py", "predict.py", "export.py", "lr_find.py"):
+    for script in ("train.py", "test.py", "predict.py", "export.py", "lr_find.py", "sweep.py"):
         first = ast.parse((ROOT / script).read_text()).body[1]
         assert isinstance(first, ast.Import) and first.names[0].name == "utils.python_version", script
