@@ -12,6 +12,9 @@ import contextlib
 import copy
 import gc
 import logging
+import os
+import signal
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -56,16 +59,44 @@ class SeededSamples(Dataset):
         return self.dataset[index]
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A worker's first act (worker_init_fn): Ctrl-C and a scheduler's SIGTERM to the whole process group (torchrun's
+    too) reach the workers as well, but they are the main process's to act on: a worker that died of one would stop
+    the main process with an error before it saves. So SIGINT is ignored, and SIGTERM, still blocked from the fork
+    (start_workers), ends a worker only when its main process sends it (its way to end a worker that hangs)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if hasattr(signal, "sigwaitinfo"):  # not on macOS: there SIGTERM keeps its default (unblocked below)
+        threading.Thread(target=end_on_sigterm_from_parent, daemon=True).start()
+    else:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def end_on_sigterm_from_parent() -> None:
+    """Take the blocked SIGTERMs as they come; end this process at the first its parent sent."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+        pass
+    os._exit(0)
+
+
 def start_workers(loader: DataLoader) -> Iterator:
     """iter(loader) with this process's objects frozen for the garbage collector while the workers fork: their
-    collections skip all the trainer's objects (no traversal, no copy-on-write; benchmarks/bench_imagefolder.py)."""
-    if gc.get_freeze_count():  # someone froze objects on purpose: leave that alone
-        return iter(loader)
-    gc.freeze()
+    collections skip all the trainer's objects (no traversal, no copy-on-write; benchmarks/bench_imagefolder.py).
+    SIGINT and SIGTERM stay blocked meanwhile, so a new worker takes none before it ignores them; one that came
+    to this process is handled once they are unblocked."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    frozen = not gc.get_freeze_count()  # someone froze objects on purpose: leave that alone
+    if frozen:
+        gc.freeze()
     try:
         return iter(loader)
     finally:
-        gc.unfreeze()
+        if frozen:
+            gc.unfreeze()
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 class BaseDataLoader:
@@ -237,7 +268,8 @@ class BaseDataLoader:
         if self._loader is None:
             # its own generator: creating the iterator must not consume the global RNG (exact resume)
             self._loader = DataLoader(SeededSamples(self.dataset, self.seed), self.batch_size, sampler=self._sampler,
-                                      generator=torch.Generator().manual_seed(self.seed), **self.loader_options)
+                                      generator=torch.Generator().manual_seed(self.seed),
+                                      worker_init_fn=ignore_stop_signals, **self.loader_options)
         self._sampler.epoch, self._sampler.indices = self.epoch, indices.tolist()
         for batch, start in zip(start_workers(self._loader), starts):  # the loader first: it runs to its end
             self.batch_indices = indices[start : start + self.batch_size]

@@ -1,0 +1,83 @@
+"""The ways a run is stopped from outside, as real processes: a scheduler's SIGTERM to the whole process group
+with DataLoader workers, alone and under torchrun. Each ends with a save, a documented exit and a run that goes on."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, make_config, run, run_dirs
+from test_distributed import finish, launch
+
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CI": "true"}
+WORKERS = {"data_loader.args.in_memory": False, "data_loader.args.num_workers": 2, "trainer.tensorboard": False,
+           "trainer.save_step": 5}
+TIMEOUT = 240
+
+
+def state(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None and time.time() < deadline, f"{what} never happened"
+        time.sleep(0.02)
+
+
+def last_save(run_dir: Path) -> tuple[int, int]:
+    """(epoch, step) of the last 'Saved ... latest.pth at epoch E, step S' line of train.log."""
+    saves = re.findall(r"Saved .*latest\.pth at epoch (\d+), step (\d+)", (run_dir / "train.log").read_text())
+    return tuple(map(int, saves[-1]))
+
+
+def assert_consistent(run_dir: Path, steps_per_epoch: int) -> dict:
+    """latest.pth is the state of the last save train.log reports, whole epochs plus batches into the next."""
+    latest = state(run_dir / "latest.pth")
+    assert (latest["epoch"], latest["global_step"]) == last_save(run_dir)
+    assert latest["global_step"] == latest["epoch"] * steps_per_epoch + latest["batch_in_epoch"], latest["epoch"]
+    return latest
+
+
+# ---- SIGTERM to the whole process group: the workers leave the decision to the main process ----------------
+@pytest.mark.parametrize("persistent", [False, True])
+def test_sigterm_to_the_process_group_with_workers_saves_the_last_step_and_resumes(tmp_path, tiny_mnist, persistent):
+    config = make_config(tmp_path, tiny_mnist, {**WORKERS, "data_loader.args.persistent_workers": persistent,
+                                                "trainer.epochs": 30})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-c", str(config)], cwd=ROOT,
+                            env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    saved = tmp_path / "saved" / "tiny"
+    wait_for(lambda: any(saved.glob("*/latest.pth")), proc, "a first save")
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the main process and its DataLoader workers
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:] + err
+    assert "Traceback" not in err and err.strip().startswith("stopped by SIGTERM; resume with: "), err
+    (run_dir,) = run_dirs(tmp_path / "saved")
+    latest = assert_consistent(run_dir, 28)  # 1,024 images less 128 for validation, batches of 32
+    resumed = run("train.py", "-r", "auto", "-c", config, "--epochs", str(latest["epoch"] + 1), env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert state(run_dir / "latest.pth")["epoch"] == latest["epoch"] + 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
+def test_sigterm_to_torchrun_with_workers_saves_the_last_step(tmp_path, tiny_mnist):
+    """torchrun forwards a SIGTERM to each rank's process group, DataLoader workers included."""
+    config = make_config(tmp_path, tiny_mnist, {**WORKERS, "data_loader.args.batch_size": 16, "trainer.epochs": 30})
+    proc = launch("--standalone", "--nproc_per_node=2", "train.py", "-d", "cpu", "-c", config)
+    saved = tmp_path / "saved" / "tiny"
+    wait_for(lambda: any(saved.glob("*/latest.pth")), proc, "a first save")
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, out = finish(proc)
+    assert code != 0 and out.count("stopped by SIGTERM; resume with: torchrun") == 2, out[-3000:]
+    # torchrun's own traceback (its SignalException) is torchrun's; the ranks' and their workers' would say "rank"
+    assert not re.search(r"\[rank\d\]: Traceback|DataLoader worker", out), out[-3000:]
+    (run_dir,) = run_dirs(tmp_path / "saved")
+    assert_consistent(run_dir, 28)
