@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from base.data_fingerprint import data_fingerprint
 from utils import dist
+from utils.errors import SampleError, UserError, one_line
 from utils.seed import draw_seed, generators_kept, seed_generators
 
 
@@ -41,7 +42,8 @@ class _EpochKeys(Sampler):
 
 class SeededSamples(Dataset):
     """`dataset` read by (epoch, index) keys, each sample with the generators seeded from (seed, epoch, index).
-    In the main process (num_workers 0) the generators are the training's (dropout): put back afterwards."""
+    In the main process (num_workers 0) the generators are the training's (dropout): put back afterwards. A sample
+    that fails to read raises a SampleError naming it (index and file), in whichever process reads it."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -56,7 +58,27 @@ class SeededSamples(Dataset):
     def read(self, key: tuple[int, int]):
         epoch, index = key
         seed_generators(draw_seed(self.seed, epoch, index))
-        return self.dataset[index]
+        try:
+            return self.dataset[index]
+        except Exception as e:  # noqa: BLE001 - whatever the data raise, the one line names the sample
+            message = one_line(e) if isinstance(e, UserError) else f"{type(e).__name__}: {one_line(e)}"
+            file = sample_file(self.dataset, index)
+            raise SampleError(f"{message} (sample {index}{f', {file}' if file and file not in message else ''})") \
+                from e
+
+
+def sample_file(dataset: Dataset, index: int) -> str | None:
+    """The file of sample `index` where the dataset lists them: ImageFolder's `samples` (path, label) or a `files`
+    or `paths` list."""
+    for name in ("samples", "files", "paths"):
+        try:
+            item = getattr(dataset, name)[index]
+        except (AttributeError, TypeError, IndexError, KeyError):
+            continue
+        item = item[0] if isinstance(item, tuple) else item
+        if isinstance(item, (str, os.PathLike)):
+            return os.fspath(item)
+    return None
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}

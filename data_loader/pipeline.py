@@ -20,7 +20,7 @@ from base import BaseDataLoader
 from base.base_data_loader import SeededSamples
 from config.resolve import check_built, resolve
 from config.schema import check_args, check_keys
-from utils.errors import UserError
+from utils.errors import SampleError, UserError
 
 PIPELINES = ("train", "eval")
 
@@ -122,8 +122,11 @@ class PipelineDataLoader(BaseDataLoader):
     def _try(dataset: SeededSamples, name: str) -> None:
         try:
             data = dataset.__getitems__([(0, 0)])[0][0]
-        except (TypeError, ValueError, RuntimeError, IndexError) as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except SampleError as e:
+            cause = e.__cause__  # what the dataset raised: a transform's error is told as one
+            if not isinstance(cause, (TypeError, ValueError, RuntimeError, IndexError)):
+                raise
+            message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             raise UserError(f"transforms.{name}: fails on sample 0: {message}") from None
         if not isinstance(data, torch.Tensor):
             raise UserError(f"transforms.{name}: gives {type(data).__name__} for sample 0, not a tensor: end it with "

@@ -1,5 +1,6 @@
-"""The ways a run is stopped from outside, as real processes: a scheduler's SIGTERM to the whole process group
-with DataLoader workers, alone and under torchrun. Each ends with a save, a documented exit and a run that goes on."""
+"""The ways a run is stopped from outside or by its data, as real processes: a scheduler's SIGTERM to the whole
+process group with DataLoader workers (alone and under torchrun) and a damaged file in the middle of an epoch. Each
+ends with a save, a documented exit and a run that goes on."""
 
 import os
 import re
@@ -11,9 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 
-from conftest import ROOT, make_config, run, run_dirs
+from base.base_data_loader import SeededSamples
+from conftest import ROOT, make_config, run, run_dirs, write_image_folder
+from data_loader.data_loaders import ImageFolderDataLoader
 from test_distributed import finish, launch
+from utils.errors import SampleError
 
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CI": "true"}
 WORKERS = {"data_loader.args.in_memory": False, "data_loader.args.num_workers": 2, "trainer.tensorboard": False,
@@ -81,3 +86,56 @@ def test_sigterm_to_torchrun_with_workers_saves_the_last_step(tmp_path, tiny_mni
     assert not re.search(r"\[rank\d\]: Traceback|DataLoader worker", out), out[-3000:]
     (run_dir,) = run_dirs(tmp_path / "saved")
     assert_consistent(run_dir, 28)
+
+
+# ---- a damaged file deep in the data: one line naming it, after a save; fixed, the run goes on ---------------
+@pytest.mark.quick
+def test_a_failing_sample_is_named_by_index_and_file():
+    class Listed(Dataset):
+        files = ["a.png", "b.png"]
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            raise ValueError("bad pixel")
+
+    with pytest.raises(SampleError, match=r"^ValueError: bad pixel \(sample 1, b\.png\)$"):
+        SeededSamples(Listed(), 0).__getitems__([(0, 1)])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_truncated_image_mid_epoch_saves_names_it_and_resumes_once_fixed(tmp_path, num_workers):
+    root = write_image_folder(tmp_path / "images", counts=(20, 2), size=(28, 28))
+    eval_transforms = [{"type": "Grayscale"}, {"type": "ToImage"},
+                       {"type": "ToDtype", "args": {"dtype": "float32", "scale": True}}]
+    args = {"data_dir": str(root), "batch_size": 4, "validation_split": 8, "num_workers": num_workers,
+            "transforms": {"train": eval_transforms, "eval": eval_transforms}}
+    config = make_config(tmp_path, root, {"data_loader": {"type": "ImageFolderDataLoader", "args": args},
+                                          "arch.args.num_classes": 2, "trainer.tensorboard": False})
+    # a sample of epoch 1's third batch or later, that start-up does not read: not in the first batch the
+    # first-batch check reads (epoch 0's order) nor among those the data fingerprint reads (every fifth)
+    loader = ImageFolderDataLoader(**{**args, "seed": 1})
+    first_checked = loader.epoch_indices()[:4].tolist()
+    loader.set_epoch(1)
+    order = loader.epoch_indices().tolist()
+    position = next(p for p in range(8, len(order)) if order[p] % 5 and order[p] not in first_checked)
+    index, step = order[position], position // 4
+    damaged = Path(loader.dataset.samples[index][0])
+    intact = damaged.read_bytes()
+    damaged.write_bytes(intact[: len(intact) // 2])
+
+    result = run("train.py", "-c", config, env=ENV)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (run_dir,) = run_dirs(tmp_path / "saved")
+    assert result.stderr.strip() == (
+        f"error: {damaged}: cannot read image: image file is truncated (sample {index}): in epoch 1, after step "
+        f"{step}; saved {run_dir / 'latest.pth'} at this step; fix or remove the file, then resume with -r")
+    latest = state(run_dir / "latest.pth")
+    assert (latest["epoch"], latest["batch_in_epoch"], latest["global_step"]) == (0, step, step)
+
+    damaged.write_bytes(intact)
+    resumed = run("train.py", "-r", "auto", "-c", config, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming {run_dir / 'latest.pth'} at epoch 1, batch {step}" in resumed.stdout
+    assert state(run_dir / "latest.pth")["epoch"] == 2

@@ -17,7 +17,7 @@ from base.base_trainer import BaseTrainer, Interrupted
 from config.schema import signature_params
 from trainer.optim_step import OptimStep
 from utils import dist
-from utils.errors import TrainingError, UserError, one_line
+from utils.errors import SampleError, TrainingError, UserError, one_line
 from utils.profiler import profiled
 
 log = logging.getLogger("train")
@@ -341,16 +341,33 @@ class Trainer(BaseTrainer):
         """The epoch's batches from number `skip` on: one pass of the loader, or with len_epoch the epoch's
         stretch of an endless stream of passes (pass p has the loader's order of epoch p + 1)."""
         loader, len_epoch = self.data_loader, self.options["len_epoch"]
-        if not len_epoch:
-            yield from loader.batches(skip)
-            return
-        position, end, per_pass = (epoch - 1) * len_epoch + skip, epoch * len_epoch, len(loader)
-        while per_pass and position < end:
-            pass_index, start = divmod(position, per_pass)
-            loader.set_epoch(pass_index + 1)
-            for batch in itertools.islice(loader.batches(start), end - position):
-                position += 1
-                yield batch
+        with self._stop_on_bad_sample(epoch):
+            if not len_epoch:
+                yield from loader.batches(skip)
+                return
+            position, end, per_pass = (epoch - 1) * len_epoch + skip, epoch * len_epoch, len(loader)
+            while per_pass and position < end:
+                pass_index, start = divmod(position, per_pass)
+                loader.set_epoch(pass_index + 1)
+                for batch in itertools.islice(loader.batches(start), end - position):
+                    position += 1
+                    yield batch
+
+    @contextlib.contextmanager
+    def _stop_on_bad_sample(self, epoch: int) -> Iterator[None]:
+        """A sample that cannot be read in the middle of a run (a damaged file the first-batch check did not read)
+        stops it in one line naming the sample, the epoch and the step, after a save of the last complete step. Not
+        in the middle of an accumulation group, nor under DDP (the other ranks are inside a step): there the last
+        checkpoint stays."""
+        try:
+            yield
+        except SampleError as e:
+            saved = not dist.is_distributed() and self.optim_step.stepping
+            if saved:
+                self._save()
+            kept = f"saved {self.run.latest} at this step" if saved else self.run.left_to_resume()
+            raise UserError(f"{one_line(e)}: in epoch {epoch}, after step {self.global_step}; {kept}; fix or remove "
+                            "the file, then resume with -r") from None
 
     def train_batch(self, batch, number: int, n_batches: int, histograms: bool = False) -> Mapping | None:
         """Micro-batch `number` of `n_batches` (on the device): train_step under autocast, `optim_step` with its loss
@@ -456,8 +473,10 @@ class Trainer(BaseTrainer):
         return tracker.result()
 
     def _valid_epoch(self, epoch: int) -> dict[str, float]:
-        loader = self.valid_data_loader
-        return {} if loader is None else {f"val_{k}": v for k, v in self.evaluate(loader).items()}
+        if self.valid_data_loader is None:
+            return {}
+        with self._stop_on_bad_sample(epoch):
+            return {f"val_{k}": v for k, v in self.evaluate(self.valid_data_loader).items()}
 
     # ---- interval work --------------------------------------------------------------------------------------
     def _check_finite(self, epoch: int) -> None:

@@ -1,4 +1,4 @@
-"""The two kinds of error a user sees as one line (utils/cli.run_main), and how a message becomes one line."""
+"""The kinds of error a user sees as one line (utils/cli.run_main), and how a message becomes one line."""
 
 import re
 
@@ -13,6 +13,11 @@ class TrainingError(UserError):
     """A run that cannot go on (non-finite loss, unwritable checkpoint): one line, exit code 1."""
 
     exit_code = 1
+
+
+class SampleError(UserError):
+    """A sample the dataset cannot read (a damaged file), named by its index and file; a trainer saves, then stops.
+    Raised in a DataLoader worker, it comes to the main process as a SampleError with the worker's traceback."""
 
 
 def one_line(error: BaseException) -> str:
