@@ -200,10 +200,15 @@ class BaseTrainer:
                 if callable(getattr(part, name, None))]
 
     def _on_signal(self, signum: int, frame) -> None:
-        if self._signal is not None:  # the second Ctrl-C: stop now (temporary files are removed)
-            raise KeyboardInterrupt
+        """The first SIGINT/SIGTERM stops at the end of the step, with a save; a second Ctrl-C stops now (temporary
+        files are removed). SIGTERM again changes nothing: a scheduler may send it to every process while torchrun
+        forwards its own, and a dead torchrun agent's parent-death signal comes once for each of its threads."""
+        if self._signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self._signal = signum
-        log.warning("%s received: finishing this step, then saving a checkpoint (again to quit now)",
+        log.warning("%s received: finishing this step, then saving a checkpoint (Ctrl-C to quit now)",
                     signal.Signals(signum).name)
 
     def _stop_requested(self) -> bool:

@@ -1,6 +1,6 @@
 """The ways a run is stopped from outside or by its data, as real processes: a scheduler's SIGTERM to the whole
-process group with DataLoader workers (alone and under torchrun) and a damaged file in the middle of an epoch. Each
-ends with a save, a documented exit and a run that goes on."""
+process group with DataLoader workers (alone and under torchrun), a damaged file in the middle of an epoch, and a
+torchrun agent killed alone. Each ends with a save (or none needed), a documented exit and a run that goes on."""
 
 import os
 import re
@@ -139,3 +139,51 @@ def test_a_truncated_image_mid_epoch_saves_names_it_and_resumes_once_fixed(tmp_p
     assert resumed.returncode == 0, resumed.stderr
     assert f"Resuming {run_dir / 'latest.pth'} at epoch 1, batch {step}" in resumed.stdout
     assert state(run_dir / "latest.pth")["epoch"] == 2
+
+
+# ---- the torchrun agent killed alone: its workers follow it within seconds -----------------------------------
+def children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_the_workers_of_a_killed_torchrun_agent_end_and_the_same_command_finishes_the_run(tmp_path, tiny_mnist):
+    """kill -9 on torchrun alone, once in start-up (the run directory exists, training has not begun) and once in
+    training (it saved): each time within 30 s none of its processes is left (ranks and their DataLoader workers,
+    which would otherwise train on holding the run lock); then the same command finishes the run."""
+    # epochs enough that unsupervised workers would still be training after 30 s; the last command trains one more
+    config = make_config(tmp_path, tiny_mnist, {**WORKERS, "data_loader.args.batch_size": 16, "trainer.epochs": 1000})
+    command = ("--standalone", "--nproc_per_node=2", "train.py", "-d", "cpu", "-r", "auto", "-c", config)
+    saved = tmp_path / "saved" / "tiny"
+
+    def save_time() -> int | None:
+        return next((p.stat().st_mtime_ns for p in saved.glob("*/latest.pth")), None)
+
+    for when in ("start-up", "training"):
+        agent, before = launch(*command), save_time()
+        if when == "start-up":
+            wait_for(lambda: any(saved.glob("*/config.json")), agent, "the run directory")
+        else:  # a save of this attempt (the first may have saved on its way out)
+            wait_for(lambda before=before: save_time() not in (None, before), agent, "a save")
+        ranks = children(agent.pid)
+        processes = ranks + [worker for rank in ranks for worker in children(rank)]
+        assert len(ranks) == 2, when
+        agent.kill()
+        agent.wait()
+        deadline = time.time() + 30
+        while any(map(alive, processes)) and time.time() < deadline:
+            time.sleep(0.1)
+        agent.stdout.close()
+        assert not any(map(alive, processes)), f"left after a kill in {when}: {list(filter(alive, processes))}"
+    (run_dir,) = run_dirs(tmp_path / "saved")
+    epochs = state(run_dir / "latest.pth")["epoch"] + 1
+    code, out = finish(launch(*command, "--epochs", str(epochs)))
+    assert code == 0, out[-3000:]
+    assert state(run_dir / "latest.pth")["epoch"] == epochs

@@ -1,12 +1,18 @@
 """torch.distributed in a few lines: a plain `python train.py` is rank 0 of a world of 1."""
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from utils.errors import UserError
+
+PARENT = os.getppid()  # under torchrun its agent (read at import: init() checks that it is still the parent)
+PR_SET_PDEATHSIG = 1  # prctl(2) option: a signal this process gets when its parent dies
 
 
 def is_distributed() -> bool:
@@ -31,6 +37,7 @@ def launched_by_torchrun() -> bool:
 
 def init(device: torch.device) -> None:
     """Join the process group torchrun describes (env:// rendezvous): NCCL on CUDA, gloo on CPU."""
+    end_with_agent()
     backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if not restarts:
@@ -41,6 +48,20 @@ def init(device: torch.device) -> None:
     store, rank, world = next(dist.rendezvous("env://"))
     dist.init_process_group(backend, store=dist.PrefixStore(f"restart{restarts}/", store), rank=rank,
                             world_size=world, device_id=device_id)
+
+
+def end_with_agent() -> None:
+    """SIGTERM for this process when its torchrun agent dies (kill -9, the OOM killer): the usual way out, a save
+    at the next log interval while training, an immediate end before. Without it the workers, each in a session of
+    its own, train on unsupervised holding the run lock, or wait for the dead agent's store in start-up. Linux's
+    parent-death signal is sent by the kernel: no thread, no polling, nothing while training, and it comes even
+    while this process waits inside torch.distributed. It follows the parent *thread*: torchrun forks its workers
+    from its main thread, which ends only with it. A death before this module was imported is not seen."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != PARENT:  # the agent died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
