@@ -4,6 +4,7 @@ Every mistake is a `UserError` naming the file (line and column where known) and
 """
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ def parse_json(text: str, path: Path) -> Any:
         return json.loads(text, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except ValueError as e:  # a number of more than 4,300 digits (Python's limit on int(str))
+        raise UserError(f"{path}: invalid JSON: {str(e).split(';')[0]}") from None
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -92,23 +95,33 @@ def parse_yaml(text: str, path: Path) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    except ValueError as e:  # a number of more than 4,300 digits (Python's limit on int(str))
+        raise UserError(f"{path}: invalid YAML: {str(e).split(';')[0]}") from None
     finally:
         loader.dispose()
 
 
 def check_bounds(data: Any, where: str) -> None:
     """Refuse a config nested deeper than MAX_DEPTH or holding more than MAX_VALUES values (a YAML alias
-    bomb expands to billions): checked without expanding it, before anything prints or copies it."""
-    count, stack = 0, [(data, 1)]
+    bomb expands to billions): checked without expanding it, before anything prints or copies it. Numbers must
+    be finite, and integers fit in 64 bits (all torch and NumPy take): NaN, .inf or 10**30 stop here, by key."""
+    count, stack = 0, [(data, 1, "")]
     while stack:
-        value, depth = stack.pop()
+        value, depth, key = stack.pop()
         count += 1
         if count > MAX_VALUES:
             raise UserError(f"{where}: the config holds more than {MAX_VALUES:,} values")
         if depth > MAX_DEPTH:
             raise UserError(f"{where}: nested more than {MAX_DEPTH} levels deep")
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        stack.extend((child, depth + 1) for child in children)
+        at = f"{where}: {key}" if key else where
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{at}: expected a finite number, got {value}")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise UserError(f"{at}: an integer of {value.bit_length()} bits, more than 64")
+        if isinstance(value, dict):
+            stack.extend((child, depth + 1, f"{key}.{name}" if key else str(name)) for name, child in value.items())
+        elif isinstance(value, list):
+            stack.extend((child, depth + 1, f"{key}[{i}]") for i, child in enumerate(value))
 
 
 def shorten(text: str, limit: int = 60) -> str:

@@ -7,6 +7,7 @@ Every mistake is a `UserError` naming the file and the key path.
 import copy
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from config import schema
 from config.files import apply_override, check_bounds, load_file, parse_override, shorten
 from config.refs import data_value, fill_in
 from config.resolve import check_built, resolve
-from utils.errors import UserError
+from utils.errors import UserError, one_line
 from utils.suggest import suggest
 
 
@@ -99,7 +100,7 @@ class ConfigParser:
         cfg, src = self.resolved, self.source
         for key in ("name", "seed", "deterministic", "device", "metrics", "trainer", "vars", "sweep"):
             schema.check_type(cfg[key], schema.TOP_LEVEL[key], f"{src}: {key}")
-        if not cfg["name"] or "/" in cfg["name"]:
+        if not isinstance(cfg["name"], str) or not cfg["name"] or "/" in cfg["name"]:
             raise UserError(f"{src}: name: must be a non-empty name without '/', got {shorten(repr(cfg['name']))}")
         source = cfg["finetuned_from"]
         if source is not None and not (isinstance(source, dict) and source.keys() == {"path", "sha256"}
@@ -244,12 +245,15 @@ class ConfigParser:
         target, given = self.callables[where], self._args(spec, where)
         if self.restricted and role == "data_loader":
             given = without_downloads(given)
-        try:
-            built = target(*args, **{**given, **kwargs})
-        except (TypeError, ValueError) as e:
-            raise UserError(f"{self.source}: {where}: {spec['type']}: {e}") from None
-        except UserError as e:  # e.g. a data loader's missing files: say which config entry asked for them
-            raise UserError(f"{self.source}: {where}: {e}") from None
+        with warnings.catch_warnings(record=True) as caught:  # shown if the call succeeds; else the error says it
+            try:
+                built = target(*args, **{**given, **kwargs})
+            except (TypeError, ValueError, RuntimeError, LookupError, ArithmeticError) as e:  # torch's answers
+                raise UserError(f"{self.source}: {where}: {spec['type']}: {one_line(e)[:300]}") from None
+            except UserError as e:  # e.g. a data loader's missing files: say which config entry asked for them
+                raise UserError(f"{self.source}: {where}: {e}") from None
+        for warning in caught:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
         return check_built(role, built, spec["type"], f"{self.source}: {where}")
 
     def _args(self, spec: dict, where: str) -> dict:

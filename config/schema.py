@@ -3,6 +3,8 @@ arguments. Defaults live here, next to their checks; the parser fills them in.""
 
 import inspect
 import re
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +68,16 @@ def signature_params(fn: Callable) -> dict[str, inspect.Parameter]:
 SIMPLE_TYPES = {int: int, float: float, bool: bool, str: str, "int": int, "float": float, "bool": bool, "str": str}
 
 
+def simple_type(annotation: Any) -> tuple[type | None, bool]:
+    """The simple type of an annotation (int, float, bool, str), also of `X | None` and `Optional[X]`, and whether
+    None is allowed: (None, False) for any other annotation, which is not checked."""
+    members = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(members) == 2 and \
+            type(None) in members:
+        return SIMPLE_TYPES.get(next(m for m in members if m is not type(None))), True
+    return SIMPLE_TYPES.get(annotation), False
+
+
 def check_args(fn: Callable, args: dict, where: str, injected: set[str]) -> None:
     """Args must be accepted by `fn`'s signature, required ones present, simple annotations respected."""
     params = signature_params(fn)
@@ -78,8 +90,9 @@ def check_args(fn: Callable, args: dict, where: str, injected: set[str]) -> None
         if key not in named and not takes_any:
             listing = ", ".join(accepted) or "none"
             raise UserError(f"{where}: unknown argument '{key}'{suggest(key, accepted)}; accepted: {listing}")
-        expected = SIMPLE_TYPES.get(named[key].annotation) if key in named else None
-        if expected is not None and not is_data_reference(value):  # its kind is known once the data is
+        expected, optional = simple_type(named[key].annotation) if key in named else (None, False)
+        if expected is not None and not (optional and value is None) and not is_data_reference(value):
+            # a data reference's kind is known once the data is
             check_type(value, expected(), f"{where}.{key}")
     for name, param in named.items():
         if param.default is param.empty and name not in args and name not in injected:
