@@ -76,6 +76,8 @@ FIELDS = {"version": int, "arch": str, "epoch": int, "batch_in_epoch": int, "glo
           "optimizer": dict, "monitor": str, "monitor_best": float, "monitor_value": float, "not_improved_count": int,
           "rng": list, "config": dict, "data": dict, "classes": list, "data_values": dict, "finetuned_from": dict}
 RNG_KEYS = {"python", "numpy", "torch", "cuda"}
+STATES = ("lr_scheduler", "scaler", "criterion", "train_tracker")  # a state dict, or None where there is none
+COUNTS = ("epoch", "batch_in_epoch", "global_step", "not_improved_count")  # never negative
 
 
 def load(path: str | Path) -> dict:
@@ -97,6 +99,11 @@ def load(path: str | Path) -> dict:
     for key, kind in FIELDS.items():
         if key in state and (not isinstance(state[key], kind) or kind is int and isinstance(state[key], bool)):
             raise UserError(f"{path}: damaged checkpoint: '{key}' is {type(state[key]).__name__}, not {kind.__name__}")
+    for key in STATES:
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise UserError(f"{path}: damaged checkpoint: '{key}' is {type(state[key]).__name__}, not a state dict")
+    if negative := next((key for key in COUNTS if state.get(key, 0) < 0), None):
+        raise UserError(f"{path}: damaged checkpoint: '{negative}' is {state[negative]}, a count below 0")
     rngs = state.get("rng")
     if rngs is not None and not (rngs and all(isinstance(r, dict) and r.keys() == RNG_KEYS for r in rngs)):
         raise UserError(f"{path}: damaged checkpoint: 'rng' is not a list of generator states")
@@ -202,6 +209,8 @@ def load_failure(error: Exception) -> str:
 
 def sha256(path: str | Path) -> str:
     """The file's SHA-256 as hex: which file a run's weights came from (`finetuned_from`)."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, or a FIFO that would wait forever
+        raise UserError(f"{path}: not a checkpoint file")
     try:
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
