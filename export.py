@@ -20,7 +20,7 @@ from predict import load_model
 from runs.run import CHECKPOINT_HELP, check_output_path
 from trainer.trainer import data_and_target
 from utils.checkpoint import TMP_MARK
-from utils.cli import ArgumentParser, add_common_arguments, run_main
+from utils.cli import ArgumentParser, add_common_arguments, run_main, text
 from utils.errors import TrainingError, UserError
 
 TOLERANCE = 1e-4  # the largest absolute difference from the PyTorch model's outputs
@@ -28,10 +28,10 @@ TOLERANCE = 1e-4  # the largest absolute difference from the PyTorch model's out
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-r", "--resume", required=True, help=CHECKPOINT_HELP)
+    parser.add_argument("-r", "--resume", type=text, required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--format", required=True, choices=list(FORMATS), help="the kind of file to write")
-    parser.add_argument("-o", "--output", help="file to write (default: the checkpoint's, with the format's suffix, "
-                        "replaced)")
+    parser.add_argument("-o", "--output", type=text,
+                        help="file to write (default: the checkpoint's, with the format's suffix, replaced)")
     parser.add_argument("--force", action="store_true", help="let -o replace an existing file")
     add_common_arguments(parser)
     parser.set_defaults(device="cpu")  # a CPU trace runs anywhere; -d cuda for a CUDA program

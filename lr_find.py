@@ -17,15 +17,16 @@ import csv
 import io
 import itertools
 import math
+import os
 import tempfile
 from pathlib import Path
 
 from logger import TensorboardWriter, setup_logging
-from runs.run import open_run
+from runs.run import is_run_directory, open_run
 from trainer.trainer import to_device
 from utils import dist
 from utils.checkpoint import save_atomic
-from utils.cli import ArgumentParser, add_common_arguments, request_of, run_main
+from utils.cli import ArgumentParser, add_common_arguments, integer, number, request_of, run_main, text
 from utils.errors import UserError
 
 BETA = 0.98  # the loss's exponential moving average (debiased), as fastai's and Lightning's finders
@@ -36,15 +37,19 @@ SKIP_BEGIN, SKIP_END = 10, 1  # points left out of the suggestion (Lightning's d
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps in the ramp (default 100)")
-    parser.add_argument("--start", type=float, default=1e-7, help="the first learning rate (default 1e-7)")
-    parser.add_argument("--end", type=float, default=10.0, help="the last learning rate (default 10)")
-    parser.add_argument("--out", help="folder for lr_find.csv and tensorboard/ (default: a new temporary folder)")
+    parser.add_argument("--steps", type=integer, default=100, help="optimizer steps in the ramp (default 100)")
+    parser.add_argument("--start", type=number, default=1e-7, help="the first learning rate (default 1e-7)")
+    parser.add_argument("--end", type=number, default=10.0, help="the last learning rate (default 10)")
+    parser.add_argument("--out", type=text,
+                        help="folder for lr_find.csv and tensorboard/ (default: a new temporary folder)")
     args = parser.parse_args(argv)
     if not args.config:
         parser.error("give a config (-c)")
     if args.steps < 2 or not 0 < args.start < args.end:
         parser.error("--steps must be >= 2 and 0 < --start < --end")
+    out = Path(os.path.realpath(args.out)) if args.out else None  # before the ramp: a file or a run's folder
+    if out and (out.exists() and not out.is_dir() or any(is_run_directory(p) for p in [out, *out.parents])):
+        parser.error(f"--out {args.out}: not a folder, or inside a run directory (whose files the runs own)")
     return args
 
 

@@ -6,10 +6,11 @@ Copied: the code, configs, tests, CI script and the bundled data/mnist_small. Le
 runs (saved/ keeps its .gitkeep), caches, other data (downloads, extracted files) and .git.
 Then replace the MNIST example with your own data loader, model, loss and metrics."""
 
+import os
 import shutil
 from pathlib import Path
 
-from utils.cli import ArgumentParser, run_main
+from utils.cli import ArgumentParser, run_main, text
 from utils.errors import UserError
 
 SOURCE = Path(__file__).resolve().parent
@@ -33,7 +34,7 @@ def ignored(source: Path, folder: str, names: list[str]) -> set[str]:
 
 def copy_project(source: Path, target: Path) -> None:
     """Copy `source` into `target`, which must not exist or be an empty folder outside `source`."""
-    source, target = source.resolve(), target.resolve()
+    source, target = source.resolve(), Path(os.path.realpath(target))  # Path.resolve raises on a symlink loop
     if target.is_relative_to(source):
         raise UserError(f"{target}: the new project must be outside this one ({source})")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -46,7 +47,7 @@ def copy_project(source: Path, target: Path) -> None:
 
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("target", help="folder for the new project (must not exist, or be empty)")
+    parser.add_argument("target", type=text, help="folder for the new project (must not exist, or be empty)")
     target = Path(parser.parse_args(argv).target)
     copy_project(SOURCE, target)
     print(f"Created {target}. Next:\n  cd {target}\n  python train.py -c configs/mnist.json")

@@ -19,17 +19,17 @@ from logger import progress_bar
 from runs.run import CHECKPOINT_HELP, Run, check_output_path, open_checkpoint
 from trainer.trainer import data_and_target
 from utils import checkpoint
-from utils.cli import ArgumentParser, add_common_arguments, request_of, run_main
+from utils.cli import ArgumentParser, add_common_arguments, integer, request_of, run_main, text
 from utils.errors import UserError
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-r", "--resume", required=True, help=CHECKPOINT_HELP)
-    parser.add_argument("inputs", nargs="*", help="image files or folders (default: the test split)")
-    parser.add_argument("-o", "--output", help="CSV file (default: <checkpoint>-predictions.csv, replaced)")
+    parser.add_argument("-r", "--resume", type=text, required=True, help=CHECKPOINT_HELP)
+    parser.add_argument("inputs", nargs="*", type=text, help="image files or folders (default: the test split)")
+    parser.add_argument("-o", "--output", type=text, help="CSV file (default: <checkpoint>-predictions.csv, replaced)")
     parser.add_argument("--force", action="store_true", help="let -o replace an existing file")
-    parser.add_argument("--topk", type=int, default=5, help="classes listed per input (default 5)")
+    parser.add_argument("--topk", type=integer, default=5, help="classes listed per input (default 5)")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 

@@ -20,12 +20,12 @@ from logger import progress_bar
 from runs.run import CHECKPOINT_HELP, TEST_RESULTS, open_checkpoint
 from trainer.trainer import failing_batch
 from utils import checkpoint, dist
-from utils.cli import ArgumentParser, add_common_arguments, request_of, run_main
+from utils.cli import ArgumentParser, add_common_arguments, request_of, run_main, text
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-r", "--resume", required=True, help=CHECKPOINT_HELP)
+    parser.add_argument("-r", "--resume", type=text, required=True, help=CHECKPOINT_HELP)
     add_common_arguments(parser)
     return parser.parse_args(argv)
 

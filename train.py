@@ -25,7 +25,17 @@ from runs.kfold import KFold
 from runs.run import Run, candidates, finetune_weights, open_run
 from utils import checkpoint, dist
 from utils.allocator import keep_freed_memory
-from utils.cli import SHORTCUTS, ArgumentParser, Request, add_common_arguments, request_of, run_main
+from utils.cli import (
+    SHORTCUTS,
+    ArgumentParser,
+    Request,
+    add_common_arguments,
+    integer,
+    number,
+    request_of,
+    run_main,
+    text,
+)
 
 log = logging.getLogger("train")
 
@@ -34,17 +44,20 @@ def parse_args(argv=None) -> tuple[Request, int]:
     """The request, and the number of folds (0: not k-fold)."""
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
-    parser.add_argument("-r", "--resume", help="checkpoint file, run directory, or 'auto' (the newest run of -c's "
-                        "name, or a new one when it has no checkpoint yet)")
-    parser.add_argument("--finetune", metavar="CHECKPOINT", help="start a new run from these model weights only")
-    parser.add_argument("--lr", "--learning_rate", type=float, help=f"shortcut for --set {SHORTCUTS['lr']}=...")
-    parser.add_argument("--epochs", type=int, help=f"shortcut for --set {SHORTCUTS['epochs']}=...")
-    parser.add_argument("--folds", type=int, default=0, metavar="K", help="k-fold cross-validation: K runs (0: off)")
+    parser.add_argument("-r", "--resume", type=text, help="checkpoint file, run directory, or 'auto' (the newest run "
+                        "of -c's name, or a new one when it has no checkpoint yet)")
+    parser.add_argument("--finetune", type=text, metavar="CHECKPOINT",
+                        help="start a new run from these model weights only")
+    parser.add_argument("--lr", "--learning_rate", type=number, help=f"shortcut for --set {SHORTCUTS['lr']}=...")
+    parser.add_argument("--epochs", type=integer, help=f"shortcut for --set {SHORTCUTS['epochs']}=...")
+    parser.add_argument("--folds", type=integer, default=0, metavar="K",
+                        help="k-fold cross-validation: K runs (0: off)")
     parser.add_argument("--data-changed", action="store_true", help="resume although the training data differ "
                         "from the checkpoint's (the resume is then not exact)")
     parser.add_argument("--reset-best", action="store_true", help="resume with the checkpoint's own best value to "
                         "beat, not the run's best (which a worse state may then replace)")
-    parser.add_argument("--run-dir", help="train a new run in this existing directory (how --folds places each fold)")
+    parser.add_argument("--run-dir", type=text,
+                        help="train a new run in this existing directory (how --folds places each fold)")
     args = parser.parse_args(argv)
     if args.run_dir and (args.resume or not Path(args.run_dir).is_dir() or candidates(Path(args.run_dir))):
         parser.error("--run-dir needs an existing directory without checkpoints, and no -r (resume a run with -r)")

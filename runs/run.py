@@ -245,8 +245,8 @@ def is_run_directory(path: Path) -> bool:
 def check_output_path(output: Path, resume: Path, force: bool) -> None:
     """-o of predict.py and export.py, refused before any work: the checkpoint read (also through a link or
     '..'), any checkpoint (a .pth file), a file inside a run directory, and, without --force, an existing file."""
-    path, where = output.resolve(), f"-o {output}"
-    if path == checkpoint_to_evaluate(resume).resolve():
+    path, where = Path(os.path.realpath(output)), f"-o {output}"  # Path.resolve raises on a symlink loop
+    if path == Path(os.path.realpath(checkpoint_to_evaluate(resume))):
         raise UserError(f"{where}: is the checkpoint being read; choose another file")
     if path.suffix.lower() == ".pth":
         raise UserError(f"{where}: a .pth file is a checkpoint; choose another name")
@@ -303,7 +303,7 @@ def finetune_override(path: str | None) -> list[str]:
     """--finetune CKPT as the config records it: `finetuned_from` with the file's absolute path and SHA-256."""
     if not path:
         return []
-    return ["finetuned_from=" + json.dumps({"path": str(Path(path).resolve()), "sha256": checkpoint.sha256(path)})]
+    return ["finetuned_from=" + json.dumps({"path": os.path.realpath(path), "sha256": checkpoint.sha256(path)})]
 
 
 def finetune_weights(config: ConfigParser) -> dict:

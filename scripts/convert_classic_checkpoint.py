@@ -18,6 +18,7 @@ import builtins
 import codecs
 import collections
 import io
+import os
 import pickle
 import sys
 import types
@@ -29,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import checkpoint  # noqa: E402
-from utils.cli import ArgumentParser, run_main  # noqa: E402
+from utils.cli import ArgumentParser, run_main, text  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 # ---- the restricted unpickler -----------------------------------------------------------------------------
@@ -246,11 +247,11 @@ def convert(old: dict) -> tuple[dict, list[str]]:
 
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("old", help="checkpoint written by the classic pytorch-template")
-    parser.add_argument("new", help="where to write the converted checkpoint")
+    parser.add_argument("old", type=text, help="checkpoint written by the classic pytorch-template")
+    parser.add_argument("new", type=text, help="where to write the converted checkpoint")
     args = parser.parse_args(argv)
     old, new = Path(args.old), Path(args.new)
-    if old.resolve() == new.resolve():
+    if os.path.realpath(old) == os.path.realpath(new):  # Path.resolve raises on a symlink loop
         raise UserError(f"{new}: the converted file must not replace the original; give another path")
     classic = load_classic(old)
     try:

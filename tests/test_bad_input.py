@@ -218,7 +218,7 @@ COMMANDS = {
     "no config, no resume": ("train.py", [], ["give a config (-c) or a checkpoint to resume (-r)"]),
     "unknown option": ("train.py", ["-c", "{config}", "--epohcs", "3"],
                        ["error: unrecognized arguments: --epohcs 3 (see train.py --help)"]),
-    "shortcut not a number": ("train.py", ["-c", "{config}", "--lr", "fast"], ["--lr", "invalid float value: 'fast'"]),
+    "shortcut not a number": ("train.py", ["-c", "{config}", "--lr", "fast"], ["--lr", "invalid number value: 'fast'"]),
     "--set without =": ("train.py", ["-c", "{config}", "--set", "trainer.epochs"],
                         ["--set 'trainer.epochs': expected KEY=VALUE"]),
     "--set unknown key": ("train.py", ["-c", "{config}", "--set", "trainer.epoch=3"],

@@ -5,6 +5,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,10 +41,36 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+# argparse `type`s: a value that cannot be meant is refused with the flag's name, before anything runs.
+def text(value: str) -> str:
+    """A path or name, never empty: `-c ''` (an unset shell variable) is a mistake, not 'no config'."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty value")
+    return value
+
+
+def integer(value: str) -> int:
+    """An integer that fits in 64 bits, as a config's integers must."""
+    number = int(value)  # a ValueError: argparse says "invalid integer value"
+    if not -(2**63) <= number < 2**63:
+        raise argparse.ArgumentTypeError(f"{value[:20]}...: more than 64 bits")
+    return number
+
+
+def number(value: str) -> float:
+    """A finite number (no nan, inf, or 1e999)."""
+    result = float(value)  # a ValueError: argparse says "invalid number value"
+    if not math.isfinite(result):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value[:20]!r}")
+    return result
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", help="config file (.json, .yaml); with -r, used instead of the checkpoint's")
-    parser.add_argument("-d", "--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's, else auto)")
-    parser.add_argument("--bs", "--batch_size", type=int, help=f"shortcut for --set {SHORTCUTS['bs']}=...")
+    parser.add_argument("-c", "--config", type=text,
+                        help="config file (.json, .yaml); with -r, used instead of the checkpoint's")
+    parser.add_argument("-d", "--device", type=text,
+                        help="auto, cpu, cuda, cuda:N or mps (default: the config's, else auto)")
+    parser.add_argument("--bs", "--batch_size", type=integer, help=f"shortcut for --set {SHORTCUTS['bs']}=...")
     parser.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
                         help="override any config key, e.g. --set optimizer.args.lr=0.01 trainer.epochs=3")
     parser.add_argument("--trust-config", action="store_true",
