@@ -253,6 +253,8 @@ def main(argv=None) -> int:
     old, new = Path(args.old), Path(args.new)
     if os.path.realpath(old) == os.path.realpath(new):  # Path.resolve raises on a symlink loop
         raise UserError(f"{new}: the converted file must not replace the original; give another path")
+    if new.exists() or new.is_symlink():  # a folder, a FIFO, a link, earlier work: never replaced
+        raise UserError(f"{new}: already exists; give a new path")
     classic = load_classic(old)
     try:
         state, notes = convert(classic)
