@@ -2,10 +2,13 @@
 
 import os
 import signal
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model.model import MnistModel
 
 
 class Deterministic(nn.Module):
@@ -35,3 +38,18 @@ class Deterministic(nn.Module):
                 open(marker, "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
         return F.log_softmax(self.fc(F.relu(self.conv(x)).flatten(1)), dim=1)
+
+
+class Stalling(MnistModel):
+    """MnistModel whose `n`-th forward call (TEST_STALL="<n>:<marker file>") creates the marker file and sleeps
+    for a minute: a test interrupts a script there (n=2 of export.py: inside torch.export's trace)."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        Stalling.calls += 1
+        call, _, marker = os.environ.get("TEST_STALL", "").partition(":")
+        if call and int(call) == Stalling.calls:
+            open(marker, "w").close()
+            time.sleep(60)
+        return super().forward(x)
