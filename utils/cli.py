@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import math
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ def request_of(args: argparse.Namespace) -> Request:
 
 def run_main(main: Callable[[], int | None]) -> None:
     """Run `main`; a UserError or an interrupt becomes one line on stderr and a non-zero exit."""
+    if getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "utils.python_version":  # start-up's guard
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt again
     try:
         code = main()
     except UserError as e:
