@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from logger import FILE_ONLY
+from logger.tracking import check_installed
 from runs.kfold import KFold
 from runs.run import Run, candidates, finetune_weights, open_run
 from utils import checkpoint, dist
@@ -105,6 +106,7 @@ def train(request: Request, epoch_callback: Callable[[int, dict[str, float]], No
     if run.state and (reason := run.restore(trainer)):
         print(f"{run.resumed_from}: nothing to do: {reason} (--epochs N trains further)")
         return 0
+    check_installed(run.config["tracking"], run.device)
     trainer.check_first_batches()  # before anything is written
     run.start()
     if run.device.type == "cpu":

@@ -12,6 +12,7 @@ import torch
 from config.schema import TRAINER
 from logger import TensorboardWriter, progress_bar
 from logger.metrics_file import MetricsFile
+from logger.tracking import Tracking
 from utils import checkpoint, dist
 from utils.errors import TrainingError
 from utils.profiler import start_profiler
@@ -82,6 +83,7 @@ class BaseTrainer:
         # called with (epoch, results) after each epoch's checkpoint; an exception stops the run there (a sweep's
         # pruning, runs/sweep.py)
         self.epoch_callbacks: list[Callable[[int, dict[str, float]], None]] = []
+        self.tracker, self.tracking_run_id = None, None  # the experiment tracker, from train(), and its run's id
 
     # ---- run state: save and load walk the same dict ---------------------------------------------
     def stateful(self) -> dict:
@@ -101,6 +103,7 @@ class BaseTrainer:
             "not_improved_count": self.not_improved_count,
             "rng": dist.gather_objects(checkpoint.rng_state()),  # one entry per rank
             "config": self.config.config, "finetuned_from": self.config["finetuned_from"] or {},
+            "tracking_run_id": self.tracking_run_id or "",  # a resume continues the same tracked run
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -112,6 +115,7 @@ class BaseTrainer:
                 obj.load_state_dict(state[key])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step = state["global_step"]
+        self.tracking_run_id = state.get("tracking_run_id") or None
         if state.get("monitor", self.options["monitor"]) == self.options["monitor"]:
             self.monitor_best, self.not_improved_count = state["monitor_best"], state["not_improved_count"]
             self.monitor_value = state.get("monitor_value", math.nan)
@@ -138,8 +142,11 @@ class BaseTrainer:
         self.metrics_file = MetricsFile(self.run.dir / "metrics.csv", self.epoch, dist.is_main())
         if dist.is_main():
             self.profiler = start_profiler(self.options.get("profile"), self.run.dir / "profile", self.device)
+        self.tracker = Tracking(self.config.resolved, dist.is_main())
+        self.tracking_run_id = self.tracker.start(self.run.dir, self.tracking_run_id, self.run.tracking_parent)
+        self.tracker.log_rows(self.metrics_file.rows)  # epochs saved but not tracked yet (a stop in between)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        result = {}
+        result, finished = {}, False
         try:
             for epoch in range(self.epoch + 1, self.epochs + 1):
                 result, stop = self._run_epoch(epoch)
@@ -151,10 +158,12 @@ class BaseTrainer:
                     # the signal came during validation or saving: the latest checkpoint holds this epoch's end
                     raise Interrupted(self._signal or signal.SIGTERM, self.run.latest)
             self.writer.hparams(self.config.config, result)
+            finished = True
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.writer.close()
+            self.tracker.end("FINISHED" if finished else "KILLED" if self._signal else "FAILED")
             if self.profiler is not None:
                 self.profiler.stop()
         return result
@@ -173,6 +182,7 @@ class BaseTrainer:
         self._log_epoch(epoch, result, time.perf_counter() - started)
         improved, stop = self._monitor(result, validated)
         self._save_epoch(epoch, improved)
+        self.tracker.log_metrics(result, epoch)  # after the checkpoint: an epoch trained again was never sent
         for callback in self.epoch_callbacks:
             callback(epoch, result)
         return result, stop

@@ -108,6 +108,7 @@ class ConfigParser:
             raise UserError(f"{src}: finetuned_from: expected null or {{path: <checkpoint>, sha256: <its SHA-256>}} "
                             f"(as --finetune writes it), got {shorten(repr(source))}")
         self._check_trainer()
+        schema.check_tracking(cfg["tracking"], f"{src}: tracking")
         for role in ("arch", "data_loader", "optimizer", "loss", "lr_scheduler"):
             for where, spec in entries_of(role, cfg[role]).values():
                 self._check_spec(role, spec, where)

@@ -18,10 +18,10 @@ REQUIRED = object()
 # Top-level keys and their defaults. The trainer's own keys: TRAINER below.
 TOP_LEVEL = {"name": REQUIRED, "seed": 0, "deterministic": False, "device": "auto", "arch": REQUIRED,
              "data_loader": REQUIRED, "optimizer": REQUIRED, "loss": REQUIRED, "metrics": [], "lr_scheduler": None,
-             "trainer": {}, "vars": {}, "finetuned_from": None, "sweep": {}}
+             "trainer": {}, "vars": {}, "finetuned_from": None, "sweep": {}, "tracking": None}
 # vars: the project's own values, for "${vars.<key>}" in args; finetuned_from: {path, sha256} of the checkpoint
 # whose model weights start a new run (what --finetune records); sweep: sweep.py's search space (runs/sweep.py
-# checks it; train.py ignores it)
+# checks it; train.py ignores it); tracking: the experiment tracker (TRACKING_ARGS)
 # Arguments the framework passes itself, so a config need not (and may not always) give them.
 INJECTED = {"optimizer": {"params"}, "lr_scheduler": {"optimizer"}, "data_loader": {"seed", "training"}}
 SCHEDULER_INTERVALS = ("epoch", "step")
@@ -168,3 +168,32 @@ def check_profile(profile) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int) or value < PROFILE_KEYS[key]:
             return f"profile.{key}: expected an integer >= {PROFILE_KEYS[key]}, got {value!r}"
     return None
+
+
+# ---- tracking: {"type": "mlflow", "args": {...}} (logger/tracking.py), or null ---------------------------------
+TRACKING_TYPES = ("mlflow",)
+TRACKING_ARGS = {
+    "uri": None,  # the tracking store or server; null: MLFLOW_TRACKING_URI, else the SQLite file <save_dir>/mlflow.db
+    "experiment": None,  # the experiment the run goes to; null: the config's name
+    "checkpoints": False,  # also upload the run's checkpoint files as artifacts when training finishes
+}
+
+
+def check_tracking(spec: Any, where: str) -> None:
+    """`tracking` is null or {type, args} with a known type and args of the right kinds (a UserError otherwise)."""
+    if spec is None:
+        return
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise UserError(f"{where}: expected null or {{type: mlflow, args: {{...}}}}, got {shorten(repr(spec))}")
+    check_keys(spec, ["type", "args"], where)
+    if spec["type"] not in TRACKING_TYPES:
+        raise UserError(f"{where}.type: expected one of {', '.join(TRACKING_TYPES)}, got {shorten(repr(spec['type']))}"
+                        f"{suggest(spec['type'], TRACKING_TYPES)}")
+    args = spec.get("args", {})
+    if not isinstance(args, dict):
+        raise UserError(f"{where}.args: expected a mapping, got {shorten(repr(args))}")
+    check_keys(args, TRACKING_ARGS, f"{where}.args")
+    for key, value in args.items():
+        if TRACKING_ARGS[key] is None and not (value is None or isinstance(value, str) and value):
+            raise UserError(f"{where}.args.{key}: expected null or a non-empty string, got {shorten(repr(value))}")
+        check_type(value, TRACKING_ARGS[key], f"{where}.args.{key}")

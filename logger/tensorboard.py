@@ -5,11 +5,12 @@ from pathlib import Path
 import torch
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
+def flatten(config: dict, prefix: str = "") -> dict:
+    """A nested config as one level of dotted keys (`trainer.epochs`); lists as their text."""
     flat = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         elif isinstance(value, (bool, int, float, str)):
             flat[f"{prefix}{key}"] = value
         elif isinstance(value, list):
@@ -55,7 +56,7 @@ class TensorboardWriter:
     def hparams(self, config: dict, final: dict[str, float]) -> None:
         """The run's config and final metrics, for TensorBoard's HParams view."""
         if self.enabled and final:
-            self.writer.add_hparams(_flatten(config), {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
+            self.writer.add_hparams(flatten(config), {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
 
     def close(self) -> None:
         if self._writer is not None:

@@ -61,6 +61,7 @@ class Run:
     run_best: float | None = None  # what the run's model_best.pth records (restore), of the checkpoint's monitor
     notes: list[str] = field(default_factory=list)  # warnings of restore, logged once train.log is open (start)
     top: dict[str, float] = field(default_factory=dict)  # save_top_k: file name -> rank (start reads the files)
+    tracking_parent: str | None = None  # the tracked run a new tracked run is a child of (Request.tracking_parent)
 
     @property
     def latest(self) -> Path:
@@ -211,7 +212,8 @@ def open_run(request: Request) -> Run:
                         "a resume keeps the architecture; use --finetune to start a new run from its weights")
     return Run(config, start_process(config, request), folder or (Path(request.run_dir) if request.run_dir else None),
                path, state, diff_configs(state["config"], config.config) if state else [],
-               allow_data_changes=request.data_changed, reset_best=request.reset_best)
+               allow_data_changes=request.data_changed, reset_best=request.reset_best,
+               tracking_parent=request.tracking_parent)
 
 
 def open_checkpoint(request: Request) -> Run:

@@ -74,7 +74,8 @@ def tensors_in(value) -> list[torch.Tensor]:
 # The type of each field a checkpoint of this project has (a field of another type is refused on load).
 FIELDS = {"version": int, "arch": str, "epoch": int, "batch_in_epoch": int, "global_step": int, "model": dict,
           "optimizer": dict, "monitor": str, "monitor_best": float, "monitor_value": float, "not_improved_count": int,
-          "rng": list, "config": dict, "data": dict, "classes": list, "data_values": dict, "finetuned_from": dict}
+          "rng": list, "config": dict, "data": dict, "classes": list, "data_values": dict, "finetuned_from": dict,
+          "tracking_run_id": str}
 RNG_KEYS = {"python", "numpy", "torch", "cuda"}
 STATES = ("lr_scheduler", "scaler", "criterion", "train_tracker")  # a state dict, or None where there is none
 COUNTS = ("epoch", "batch_in_epoch", "global_step", "not_improved_count")  # never negative

@@ -33,6 +33,7 @@ class Request:
     run_dir: str | None = None  # a new run in this existing folder (a fold)
     data_changed: bool = False  # a resume on data that differ from the checkpoint's goes on (not exact)
     reset_best: bool = False  # a resume's best value to beat is its checkpoint's, not the run's model_best.pth
+    tracking_parent: str | None = None  # a new tracked run is a child of this one (a fold's, a trial's)
 
 
 class ArgumentParser(argparse.ArgumentParser):
