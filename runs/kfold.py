@@ -3,6 +3,7 @@
     <save_dir>/<name>/<run_id>/fold_0/ ... fold_<K-1>/   each an ordinary run (resumable with -r)
     <save_dir>/<name>/<run_id>/folds.json                 the folds done, then their mean and sd
 
+With `tracking` in the config, each fold is a child of one tracked run of the parent, which gets the summary.
 Fold i trains with `data_loader.args.folds=K, fold=i` (validation is part i of K of a seeded order). The
 same command again continues the newest parent of the same config and K: finished folds are skipped, an
 interrupted one resumes.
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from logger.tracking import Tracking, check_installed
 from runs.run import LATEST, candidates, load_config, new_run_dir
 from utils import checkpoint, dist
 from utils.cli import Request
@@ -77,18 +79,23 @@ class KFold:
         if dist.launched_by_torchrun():
             raise UserError("--folds runs the folds in one process; under torchrun train each fold on its own with "
                             f"--set {' '.join(fold_overrides(folds, 0))} (and fold=1, 2, ...)")
-        self.request, self.folds = request, folds
+        self.request, self.folds, self.record = request, folds, {}
         config = load_config(self.fold_request(0))  # every mistake stops here, before anything is written
+        check_installed(config["tracking"])
         shared = shared_config(config)
         self.parent, self.record = find_parent(Path(config["trainer"]["save_dir"]) / config["name"], folds, shared)
         if self.parent is None:
             self.parent = new_run_dir(config)
             self.record = {"folds": folds, "monitor": config["trainer"]["monitor"], "config": shared, "runs": {}}
-            self.write()
+        self.tracking = Tracking(shared)
+        if tracking_run_id := self.tracking.start(self.parent, self.record.get("tracking_run_id")):
+            self.record["tracking_run_id"] = tracking_run_id  # the folds' parent in the tracker
+        self.write()
         print(f"k-fold: {folds} folds in {self.parent}", flush=True)
 
     def fold_request(self, fold: int, **changes) -> Request:
-        return replace(self.request, overrides=[*self.request.overrides, *fold_overrides(self.folds, fold)], **changes)
+        return replace(self.request, overrides=[*self.request.overrides, *fold_overrides(self.folds, fold)],
+                       tracking_parent=self.record.get("tracking_run_id"), **changes)
 
     def unfinished(self) -> Iterator[tuple[int, Request]]:
         """Each fold not finished before, and its request: in its own folder, resumed if it has a checkpoint."""
@@ -109,6 +116,10 @@ class KFold:
     def summarize(self) -> None:
         self.record["summary"] = summarize([self.record["runs"][str(fold)] for fold in range(self.folds)])
         self.write()
+        self.tracking.log_metrics({f"{key.replace(' ', '_')}_{stat}": value for key, stats in
+                                   self.record["summary"].items() for stat, value in stats.items()}, 0)
+        self.tracking.log_artifact(self.parent / RESULTS)
+        self.tracking.end("FINISHED")
         for key, stats in self.record["summary"].items():
             print(f"k-fold: {key} {stats['mean']:.6g} ± {stats['sd']:.3g} (mean ± sd over {self.folds} folds)")
         print(f"k-fold: results written to {self.parent / RESULTS}")

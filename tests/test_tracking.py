@@ -1,6 +1,6 @@
 """Experiment tracking with MLflow, as real processes on the shipped config: the embedded store across kills after
-and during a save, a real `mlflow server` across a resume, a server killed mid-run; the config's checks and a
-missing mlflow package."""
+and during a save, a real `mlflow server` across a resume, a server killed mid-run, k-fold children; the
+config's checks and a missing mlflow package."""
 
 import contextlib
 import csv
@@ -152,6 +152,24 @@ def train_killing_the_server(config: Path, uri: str, server: subprocess.Popen) -
     output.append(training.stdout.read())
     assert training.wait(timeout=300) == 0, "".join(output)
     return "".join(output)
+
+
+@needs_mlflow
+def test_k_fold_folds_are_children_of_one_tracked_run(tmp_path, tiny_mnist):
+    from mlflow.tracking import MlflowClient
+
+    config = shipped_config(tmp_path, tiny_mnist)
+    result = run("train.py", "-c", config, "--folds", "2", "--epochs", "1", env=ENV)
+    assert result.returncode == 0, result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'saved' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mnist_mlflow").experiment_id])
+    (parent,) = [tracked for tracked in runs if "mlflow.parentRunId" not in tracked.data.tags]
+    children = sorted(tracked.info.run_name for tracked in runs if
+                      tracked.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert children == ["fold_0", "fold_1"] and len(runs) == 3
+    folds = json.loads((Path(parent.data.tags["run_dir"]) / "folds.json").read_text())
+    assert folds["tracking_run_id"] == parent.info.run_id and parent.info.status == "FINISHED"
+    assert parent.data.metrics["val_accuracy_mean"] == folds["summary"]["val_accuracy"]["mean"]
 
 
 @pytest.mark.quick
