@@ -4,6 +4,7 @@
     python benchmarks/bench_mnist.py --device cuda --repeats 5
     python benchmarks/bench_mnist.py --same-allocator     # (a) gets train.py's CPU malloc settings too
     python benchmarks/bench_mnist.py --augment            # (b) against (c): (b) with on-device crop + flip
+    python benchmarks/bench_mnist.py --tracking           # (b) against (d): (b) tracked by MLflow
 
 One run of this script, on one device, trains the same model on the same data with the same batch size,
 optimizer (Adam, lr 0.002) and number of steps two ways, each in a fresh process:
@@ -15,6 +16,8 @@ optimizer (Adam, lr 0.002) and number of steps two ways, each in a fresh process
               data, batch size, epochs and save folder set by --set overrides.
   (c) --augment: (b) with `data_loader.args.augment={crop_padding: 2, flip: true}` (batched on the device),
               timed against (b) instead of (a).
+  (d) --tracking: (b) with `tracking={type: mlflow}` (the embedded SQLite store in the save folder; needs
+              requirements-tracking.txt), timed against (b) instead of (a).
 
 The timed span is whole epochs, validation included: (a) its epoch loop, (b) `Trainer.train()`. Both
 processes import what they use before the clock starts; the cost of imports and data loading is what
@@ -143,10 +146,11 @@ def trainer_overrides(data_dir: Path, save_dir: Path, epochs: int, device: str) 
             f"trainer.epochs={epochs}", f"trainer.save_dir={save_dir}", f"device={device}"]
 
 
-AUGMENT = "data_loader.args.augment={crop_padding: 2, flip: true}"
+VARIANTS = {"train": [], "augment": ["data_loader.args.augment={crop_padding: 2, flip: true}"],
+            "tracking": ["tracking={type: mlflow}"]}  # (b), (c), (d): their overrides
 
 
-def run_trainer(data_dir: Path, epochs: int, device: torch.device, augment: bool = False) -> tuple[float, float]:
+def run_trainer(data_dir: Path, epochs: int, device: torch.device, variant: str = "train") -> tuple[float, float]:
     """(b) `train.py -c configs/mnist.json` in this process; returns the (wall, CPU) seconds `Trainer.train()` took."""
     import train
     from trainer.trainer import Trainer
@@ -164,7 +168,7 @@ def run_trainer(data_dir: Path, epochs: int, device: torch.device, augment: bool
 
     Trainer.train = timed_train
     with tempfile.TemporaryDirectory() as save_dir:
-        overrides = trainer_overrides(data_dir, Path(save_dir), epochs, str(device)) + ([AUGMENT] if augment else [])
+        overrides = trainer_overrides(data_dir, Path(save_dir), epochs, str(device)) + VARIANTS[variant]
         train.main(["-c", str(ROOT / "configs" / "mnist.json"), "--set", *overrides])
     return seconds[0]
 
@@ -176,7 +180,7 @@ def worker(args) -> None:
     if args.worker == "hand":
         seconds, cpu = run_hand(Path(args.data_dir), args.epochs, device)
     else:
-        seconds, cpu = run_trainer(Path(args.data_dir), args.epochs, device, augment=args.worker == "augment")
+        seconds, cpu = run_trainer(Path(args.data_dir), args.epochs, device, args.worker)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     Path(args.out).write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak}))
@@ -222,7 +226,8 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-LABELS = {"hand": "(a) hand-written loop", "train": "(b) Trainer + config", "augment": "(c) (b) + crop, flip"}
+LABELS = {"hand": "(a) hand-written loop", "train": "(b) Trainer + config", "augment": "(c) (b) + crop, flip",
+          "tracking": "(d) (b) + MLflow"}
 
 
 def report(results: dict, pair: tuple[str, str], n_train: int, args) -> None:
@@ -254,7 +259,9 @@ def main() -> None:
                         help="give the hand-written loop the malloc settings train.py uses on CPU too")
     parser.add_argument("--augment", action="store_true",
                         help="time (b) against (c), (b) with on-device crop and flip, instead of (a) against (b)")
-    parser.add_argument("--worker", choices=["hand", "train", "augment", "hand-startup"], help=argparse.SUPPRESS)
+    parser.add_argument("--tracking", action="store_true",
+                        help="time (b) against (d), (b) tracked by MLflow (embedded store), instead of (a) against (b)")
+    parser.add_argument("--worker", choices=["hand", "hand-startup", *VARIANTS], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -274,13 +281,13 @@ def main() -> None:
               f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
               + (", the same malloc settings for both" if args.same_allocator else ""))
 
-        pair = ("train", "augment") if args.augment else ("hand", "train")
+        pair = ("train", "augment") if args.augment else ("train", "tracking") if args.tracking else ("hand", "train")
         results = {mode: [] for mode in pair}
         for repeat in range(args.repeats):
             for mode in pair if repeat % 2 == 0 else pair[::-1]:
                 results[mode].append(spawn(mode, data_dir, args, Path(tmp) / f"{mode}{repeat}.json"))
                 print(f"  run {repeat + 1} {mode:7s} {results[mode][-1]['seconds']:.2f} s", flush=True)
-        if args.augment:
+        if args.augment or args.tracking:
             report(results, pair, n_train, args)
             return
 
