@@ -29,6 +29,7 @@ from typing import Any
 
 from config.files import apply_override, shorten
 from config.parser import ConfigParser, diff_configs
+from logger.tracking import Tracking, check_installed
 from runs.run import LATEST, candidates, load_config
 from utils import checkpoint
 from utils.cli import Request
@@ -185,6 +186,7 @@ class Sweep:
             self.url = "postgresql+psycopg2://" + self.url.removeprefix("postgresql://")
         self.storage = self.open_storage()
         self.study = self.open_study(pruner, create)
+        self.tracking = self.track() if create else Tracking({}, enabled=False)
 
     def open_storage(self):
         from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
@@ -222,6 +224,16 @@ class Sweep:
                             f"config ({changes[:300]}): run it with that one, or start a new study with "
                             "--set name=<new name>")
         return study
+
+    def track(self) -> Tracking:
+        """With `tracking` in the config, the study is one tracked run and each trial a child of it; its id is
+        kept with the study, so every process and every re-run of the sweep adds its trials to the same parent."""
+        check_installed(self.config["tracking"])
+        tracking = Tracking(self.config.config)
+        parent_id = tracking.start(self.folder, self.study.user_attrs.get("tracking_run_id"))
+        if parent_id and parent_id != self.study.user_attrs.get("tracking_run_id"):
+            self.study.set_user_attr("tracking_run_id", parent_id)
+        return tracking
 
     @contextlib.contextmanager
     def database(self) -> Iterator[None]:
@@ -287,7 +299,8 @@ class Sweep:
         """The trial's run: the config with its parameters, resumed from its folder's checkpoint if it has one."""
         overrides = [*self.request.overrides, *(f"{key}={json.dumps(value)}" for key, value in params.items())]
         resume = str(run_dir) if candidates(run_dir) else None
-        request = replace(self.request, overrides=overrides, resume=resume, run_dir=None if resume else str(run_dir))
+        request = replace(self.request, overrides=overrides, resume=resume, run_dir=None if resume else str(run_dir),
+                          tracking_parent=self.study.user_attrs.get("tracking_run_id"))
         epochs = params.get("trainer.epochs", self.config["trainer"]["epochs"])
 
         def report(epoch: int, result: dict) -> None:
@@ -342,6 +355,9 @@ class Sweep:
             print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
         print(f"sweep: results written to {self.folder / RESULTS}")
         self.plot()
+        for name in (RESULTS, "history.png", "importances.png"):
+            self.tracking.log_artifact(self.folder / name)
+        self.tracking.end("FINISHED")
         if any(t.state == self.optuna.trial.TrialState.COMPLETE for t in self.counted()):
             best = self.study.best_trial
             run_dir = relative(best.user_attrs["run_dir"])

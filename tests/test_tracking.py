@@ -172,6 +172,28 @@ def test_k_fold_folds_are_children_of_one_tracked_run(tmp_path, tiny_mnist):
     assert parent.data.metrics["val_accuracy_mean"] == folds["summary"]["val_accuracy"]["mean"]
 
 
+@needs_mlflow
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="Optuna is not installed")
+def test_sweep_trials_are_children_of_one_tracked_run_of_the_study(tmp_path, tiny_mnist):
+    from mlflow.tracking import MlflowClient
+
+    config = json.loads(shipped_config(tmp_path, tiny_mnist).read_text())
+    config["trainer"].update(epochs=1, type="Trainer")
+    config["sweep"] = {"optimizer.args.lr": {"float": [1e-3, 1e-2], "log": True}}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(config))
+    for _ in range(2):  # the second process adds its trial to the same parent (the study keeps its id)
+        result = run("sweep.py", "-c", path, "--trials", str(_ + 1), "--pruner", "none", env=ENV)
+        assert result.returncode == 0, result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'saved' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mnist_mlflow").experiment_id])
+    (parent,) = [tracked for tracked in runs if "mlflow.parentRunId" not in tracked.data.tags]
+    children = sorted(tracked.info.run_name for tracked in runs if
+                      tracked.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert children == ["trial-0", "trial-1"] and len(runs) == 3 and parent.info.status == "FINISHED"
+    assert "trials.csv" in {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
+
+
 @pytest.mark.quick
 @pytest.mark.parametrize("tracking, message", [
     ({"type": "mlflw"}, "tracking.type: expected one of mlflow, got 'mlflw' (did you mean 'mlflow'?)"),
