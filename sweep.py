@@ -16,7 +16,7 @@ import sys
 from runs.sweep import PRUNERS, Sweep, TrialPruned
 from train import train
 from utils import dist
-from utils.cli import ArgumentParser, Request, add_common_arguments, request_of, run_main
+from utils.cli import ArgumentParser, Request, add_common_arguments, integer, request_of, run_main, text
 from utils.errors import TrainingError
 
 
@@ -24,9 +24,9 @@ def parse_args(argv=None) -> tuple[Request, dict]:
     """The request, and the sweep's own options."""
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
-    parser.add_argument("--trials", type=int, help="the study's total number of trials (run again to go on)")
-    parser.add_argument("--storage", help="the study's database URL, e.g. postgresql://user:password@host/db "
-                        "(default: sqlite in <save_dir>/<name>/sweep/study.db)")
+    parser.add_argument("--trials", type=integer, help="the study's total number of trials (run again to go on)")
+    parser.add_argument("--storage", type=text, help="the study's database URL, e.g. "
+                        "postgresql://user:password@host/db (default: sqlite in <save_dir>/<name>/sweep/study.db)")
     parser.add_argument("--pruner", choices=PRUNERS, default="median", help="stops poor trials after an epoch "
                         "(default: median; none: off)")
     parser.add_argument("--report", action="store_true", help="print and write the results so far; train nothing")

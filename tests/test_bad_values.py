@@ -216,6 +216,21 @@ def script_cases() -> dict[str, tuple[str, list[str]]]:
             cases[f"{script} -o {path}"] = (script, ["-r", "{ckpt}", *extra, "-o", path])
         cases[f"convert old {path}"] = ("scripts/convert_classic_checkpoint.py", [path, "{work}/odd/new.pth"])
         cases[f"make_mnist_subset src {path}"] = ("scripts/make_mnist_subset.py", [path, "{work}/odd/subset"])
+    space = "sweep={optimizer.args.lr: {float: [0.001, 0.01]}}"
+    for value in INTEGERS:
+        cases[f"sweep.py --trials {value!r}"] = ("sweep.py", ["-c", "{config}", "--set", space, "--trials", value])
+    for value in ["", "abc", "sqlite:///{work}/notes.txt/sub/study.db", "postgresql://u@127.0.0.1:1/db"]:
+        cases[f"sweep.py --storage {value!r}"] = ("sweep.py", ["-c", "{config}", "--set", space, "--trials", "1",
+                                                              "--storage", value])
+    for value in ["sweep={}", "sweep={optimizer.args.lr: {float: [1, 0]}}", "sweep={nokey: {choice: [1]}}",
+                  "sweep=[]", "trainer.monitor=off"]:
+        cases[f"sweep.py --set {value}"] = ("sweep.py", ["-c", "{config}", "--set", space, "--set", value,
+                                                        "--trials", "1"])
+    for value in ["", "abc"]:
+        cases[f"sweep.py --pruner {value!r}"] = ("sweep.py", ["-c", "{config}", "--set", space, "--trials", "1",
+                                                             "--pruner", value])
+    for path in ODD_FILES:
+        cases[f"sweep.py -c {path}"] = ("sweep.py", ["-c", path, "--trials", "1"])
     for value in ["", "abc", "ONNX"]:
         cases[f"export.py --format {value!r}"] = ("export.py", ["-r", "{ckpt}", "--format", value])
     cases["new_project.py {work}"] = ("new_project.py", ["{work}"])
@@ -259,7 +274,8 @@ ACCEPTED = {"seed=-1", "trainer.save_dir=", "optimizer.args.weight_decay=1.5",
             "lr_scheduler.args.step_size=-1", "lr_scheduler.args.gamma=-1", "lr_scheduler.args.last_epoch=-1",
             "lr_scheduler.args.T_max=-1", "lr_scheduler.args.eta_min=-1", "loss.args.label_smoothing=-1",
             "loss.args.ignore_index=-1", "loss.args.gamma=-1", "data_loader.args.prefetch_factor=-1",
-            "data_loader.args.fold=-1", "data_loader.args.mean=[]", "data_loader.args.std=[]", "arch.args.weights=[]"}
+            "data_loader.args.fold=-1", "data_loader.args.mean=[]", "data_loader.args.std=[]", "arch.args.weights=[]",
+            "tracking.args.uri=abc", "tracking.args.experiment=abc"}  # a store in folder abc; an experiment's name
 
 
 def fill(arg: str, paths: dict[str, Path]) -> str:
@@ -371,7 +387,7 @@ def problem(result: dict) -> str | None:
 def test_every_flag_and_every_key_is_covered(matrix):
     cases, _, _ = matrix
     scripts = {script for script, _ in cases.values()}
-    assert scripts == {"train.py", "test.py", "predict.py", "export.py", "lr_find.py", "new_project.py",
+    assert scripts == {"train.py", "test.py", "predict.py", "export.py", "lr_find.py", "new_project.py", "sweep.py",
                        "scripts/convert_classic_checkpoint.py", "scripts/make_mnist_subset.py"}
     keys = {case.partition("=")[0] for case in cases}
     assert {*TOP_LEVEL, *(f"trainer.{key}" for key in TRAINER), "trainer.samples", "data_loader.args.transforms",
