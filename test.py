@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     run = open_checkpoint(request_of(parse_args(argv)))
     path, state = run.resumed_from, run.state
     loader = run.config.build_data_loader(run.device, test=True)
-    trainer = run.config.build_trainer(run.device, loader, run=run)
+    trainer = run.config.build_trainer(run.device, loader, training=False, run=run)
     checkpoint.load_model_weights(trainer.model, state["model"], str(path))
     if state.get("criterion") and isinstance(trainer.criterion, torch.nn.Module):  # a loss with state of its own
         trainer.criterion.load_state_dict(state["criterion"])

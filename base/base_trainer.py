@@ -13,7 +13,7 @@ from config.schema import TRAINER
 from logger import TensorboardWriter, progress_bar
 from logger.metrics_file import MetricsFile
 from logger.tracking import Tracking
-from utils import checkpoint, dist
+from utils import checkpoint, dist, fsdp
 from utils.errors import TrainingError
 from utils.profiler import start_profiler
 
@@ -111,8 +111,9 @@ class BaseTrainer:
         entry it lacks or saved empty (a scheduler or an fp16 scaler added since) keeps its fresh state. The best
         value and early-stop count start afresh when the checkpoint's monitor is another (older ones: taken as this)."""
         for key, obj in self.stateful().items():
-            if obj is not None and (key in ("model", "optimizer") or state.get(key)):
-                obj.load_state_dict(state[key])
+            value = state[key] if key in ("model", "optimizer") else state.get(key)  # None: loaded (runs/sharded.py)
+            if obj is not None and value is not None and (value or key in ("model", "optimizer")):
+                obj.load_state_dict(value)
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step = state["global_step"]
         self.tracking_run_id = state.get("tracking_run_id") or None
@@ -272,12 +273,16 @@ class BaseTrainer:
         optimizer state with a NaN or Inf (a NaN loss or gradient since the last check) are never written: the run
         stops and its last good checkpoint stays."""
         state = self.state_dict()  # every rank takes part: it gathers the RNG states
-        if dist.any_flag(not checkpoint.all_finite(state["model"], state["optimizer"]), self.device):
+        local = [fsdp.local(t) for t in checkpoint.tensors_in((state["model"], state["optimizer"]))]  # FSDP: shards
+        if dist.any_flag(not checkpoint.all_finite(local), self.device):
             where = f"after epoch {epoch}" if epoch else f"in epoch {self.epoch + 1} at step {self.global_step}"
             raise TrainingError(f"model weights or optimizer state are NaN or Inf {where}: not saved, stopping; "
                                 f"{self.run.left_to_resume()} (lower the learning rate or clip gradients)")
-        dist.on_main(lambda: self.run.save(state, epoch, improved), self.device,
-                     TrainingError("rank 0 could not write a checkpoint"))
+        if self.options["strategy"] == "fsdp":  # every rank writes its shards
+            self.run.save_sharded(state, self.models, self.optimizers, epoch, improved)
+        else:
+            dist.on_main(lambda: self.run.save(state, epoch, improved), self.device,
+                         TrainingError("rank 0 could not write a checkpoint"))
         self.last_save = time.monotonic()
 
     # ---- logging ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from config import schema
 from config.files import apply_override, check_bounds, load_file, parse_override, shorten
 from config.refs import data_value, fill_in
 from config.resolve import check_built, resolve
+from utils import fsdp
 from utils.errors import UserError, one_line
 from utils.suggest import suggest
 
@@ -211,14 +212,17 @@ class ConfigParser:
         loader.drop_last = False  # every test sample counts, whatever the training config says
         return loader
 
-    def build_trainer(self, device: torch.device, data_loader: Any, **extra: Any) -> Any:
+    def build_trainer(self, device: torch.device, data_loader: Any, training: bool = True, **extra: Any) -> Any:
         """The trainer class the config names, with the models on `device`, the loss, metrics, optimizers and
         schedulers by name, and `data_loader` with its validation split (what "${data.<name>}" reads, unless a
-        checkpoint recorded it). A mistake stops here."""
+        checkpoint recorded it). A mistake stops here. `training` with trainer.strategy fsdp: the models are
+        sharded before their optimizers are built (test.py evaluates whole models)."""
         self.data, self.device = data_loader, device
         models = {name: model.to(device) for name, model in self.build_named("arch").items()}
         if self["trainer"]["channels_last"]:
             models = {name: model.to(memory_format=torch.channels_last) for name, model in models.items()}
+        if training and self["trainer"]["strategy"] == "fsdp":
+            models = {name: fsdp.shard(model, device, self["trainer"]["amp"]) for name, model in models.items()}
         criterion = self.build_loss()
         optimizers = self.build_named("optimizer", {name: model.parameters() for name, model in models.items()})
         return self.callables["trainer"](

@@ -125,12 +125,13 @@ TRAINER = {
     "grad_clip": 0.0,  # clip the global grad norm to this value (0: off)
     "channels_last": False,  # NHWC memory format for model and 4-D inputs
     "compile": False,  # torch.compile the model
+    "strategy": "ddp",  # under torchrun: "ddp" (a whole model per process) or "fsdp" (sharded, with DCP checkpoints)
     "on_nonfinite": "stop",  # NaN/Inf loss: "stop" the run, or "skip" the step (a host sync per step)
     "tb_images": 0,  # TensorBoard: a grid of input images every N epochs (0: off)
     "tb_histograms": 0,  # TensorBoard: parameter and gradient histograms every N epochs (0: off)
     "profile": None,  # torch.profiler over training batches: {wait: 1, warmup: 1, active: 3[, repeat: 1]} (null: off)
 }
-CHOICES = {"amp": ("off", "bf16", "fp16"), "on_nonfinite": ("stop", "skip")}
+CHOICES = {"amp": ("off", "bf16", "fp16"), "on_nonfinite": ("stop", "skip"), "strategy": ("ddp", "fsdp")}
 AT_LEAST_ONE = ("epochs", "log_step", "accum_steps", "valid_period")
 PROFILE_KEYS = {"wait": 0, "warmup": 0, "active": 1, "repeat": 1}  # torch.profiler.schedule's, with their minimum
 

@@ -28,7 +28,8 @@ from config.parser import ConfigParser, diff_configs, entries_of
 from config.refs import fill_in
 from logger import setup_logging
 from logger.metrics_file import MetricsFile
-from utils import checkpoint, dist
+from runs import sharded
+from utils import checkpoint, dist, fsdp
 from utils.cli import Request
 from utils.device import select_device
 from utils.errors import UserError
@@ -38,7 +39,7 @@ log = logging.getLogger("train")
 LATEST, BEST, LOCK = "latest.pth", "model_best.pth", "run.lock"
 CHECKPOINT_HELP = f"checkpoint file, or run directory (its {BEST}, else {LATEST})"  # -r of test, predict, export
 TEST_RESULTS = "test-results.jsonl"  # test.py appends one line per evaluation of a checkpoint in the folder
-PERIODIC = re.compile(r"checkpoint-epoch(\d+)\.pth")  # not 'checkpoint-epoch1 (copy).pth'
+PERIODIC = re.compile(r"checkpoint-epoch(\d+)\.(?:pth|dcp)")  # not 'checkpoint-epoch1 (copy).pth'
 TOP = "top-epoch{epoch}-{key}={value:.6g}.pth"  # save_top_k's files: the epoch and its monitored value
 RUN_ID = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")  # <YYYYmmdd-HHMMSS>[-N], as new runs are named
 
@@ -65,7 +66,7 @@ class Run:
 
     @property
     def latest(self) -> Path:
-        return self.dir / LATEST
+        return self.dir / (sharded.LATEST if self.config["trainer"]["strategy"] == "fsdp" else LATEST)
 
     def restore(self, trainer) -> str | None:
         """Load the checkpoint's run state into `trainer`; why the run has nothing left to do, or None. Training
@@ -75,7 +76,11 @@ class Run:
             raise UserError(f"{self.resumed_from}: holds model weights but no run state to resume ({', '.join(missing)}"
                             "; a converted or exported checkpoint?): use -c CONFIG --finetune it, or test.py -r")
         try:
-            trainer.load_state_dict(self.state)
+            if sharded.is_checkpoint(self.resumed_from) or any(map(fsdp.is_sharded, trainer.models.values())):
+                sharded.load_into(trainer.models, trainer.optimizers, self.resumed_from, self.state)
+                trainer.load_state_dict({**self.state, "model": None, "optimizer": None})  # None: loaded above
+            else:
+                trainer.load_state_dict(self.state)
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise UserError(f"{self.resumed_from}: does not fit this run: {str(e).strip().splitlines()[0][:200]}") \
                 from None
@@ -136,7 +141,7 @@ class Run:
                                  UserError(f"{self.dir}: in use by another process ({LOCK})"))
         if dist.is_main():
             for tmp in self.dir.glob(f".*{checkpoint.TMP_MARK}*"):  # what a killed process left half-written
-                tmp.unlink(missing_ok=True)
+                sharded.remove(tmp)
             checkpoint.save_atomic((json.dumps(self.config.config, indent=2) + "\n").encode(),
                                    self.dir / "config.json", "config")
         setup_logging(self.dir / "train.log", self.config["trainer"]["verbosity"], dist.rank())
@@ -152,6 +157,8 @@ class Run:
         """model_best.pth behind the best the checkpoint records (a kill between the files of an older version's
         save, a file removed by hand): when that best is the checkpoint's own epoch-end state, write it again."""
         state, best = self.state, self.run_best  # None: no model_best.pth, or a damaged one
+        if sharded.is_checkpoint(self.resumed_from):  # its files are written best first, then renamed
+            return
         if state["not_improved_count"] or state["batch_in_epoch"] or not math.isfinite(state["monitor_best"]):
             return
         monitor = state.get("monitor", self.config["trainer"]["monitor"])
@@ -165,23 +172,43 @@ class Run:
         """Write `state` (rank 0). At the end of `epoch`: model_best.pth, the periodic file and the top-k file first,
         latest.pth last (a kill in between leaves it at the previous epoch, trained again on resume), then keep_last
         and save_top_k remove what they no longer keep."""
+        names = self.checkpoint_names(state, epoch, improved)
+        data = checkpoint.serialize(state)
+        for name in names:
+            checkpoint.save_atomic(data, self.dir / name)
+        self.remove_old(epoch)
+        log.debug("Saved %s at epoch %d, step %d", ", ".join(names), state["epoch"], state["global_step"])
+
+    def save_sharded(self, state: dict, models: dict, optimizers: dict, epoch: int | None = None,
+                     improved: bool = False) -> None:
+        """`save` for trainer.strategy fsdp, on every rank: the same names as DCP folders (runs/sharded.py)."""
+        names = [name.replace(".pth", sharded.SUFFIX) for name in self.checkpoint_names(state, epoch, improved)]
+        sharded.save(self.dir, names, state, models, optimizers, self.device)
+        if dist.is_main():
+            self.remove_old(epoch)
+            log.debug("Saved %s at epoch %d, step %d", ", ".join(names), state["epoch"], state["global_step"])
+
+    def checkpoint_names(self, state: dict, epoch: int | None, improved: bool) -> list[str]:
+        """The files a save writes, in order: at the end of `epoch` model_best, the periodic and the top-k file;
+        latest last."""
         options = self.config["trainer"]
         names = [BEST] if improved else []
         if epoch and options["save_period"] and epoch % options["save_period"] == 0:
             names.append(f"checkpoint-epoch{epoch}.pth")
         if epoch and options["save_top_k"] and (top := self.top_name(state, options["save_top_k"])):
             names.append(top)
-        data = checkpoint.serialize(state)
-        for name in [*names, LATEST]:
-            checkpoint.save_atomic(data, self.dir / name)
+        return [*names, LATEST]
+
+    def remove_old(self, epoch: int | None) -> None:
+        """At an epoch's end, only the newest trainer.keep_last periodic checkpoints stay, and save_top_k's k best."""
+        options = self.config["trainer"]
         if epoch and options["keep_last"]:
-            numbered = {int(m[1]): p for p in self.dir.glob("*.pth") if (m := PERIODIC.fullmatch(p.name))}
+            numbered = {int(m[1]): p for p in self.dir.glob("checkpoint-epoch*") if (m := PERIODIC.fullmatch(p.name))}
             for old in sorted(numbered)[: -options["keep_last"]]:
-                numbered[old].unlink(missing_ok=True)
+                sharded.remove(numbered[old])
         for old in sorted(self.top, key=self.top.get)[options["save_top_k"]:]:
             (self.dir / old).unlink(missing_ok=True)
             del self.top[old]
-        log.debug("Saved %s at epoch %d, step %d", ", ".join([*names, LATEST]), state["epoch"], state["global_step"])
 
     def top_name(self, state: dict, k: int) -> str | None:
         """save_top_k: the file name for this epoch-end `state` when its monitored value is among the run's k best
@@ -220,7 +247,7 @@ def open_checkpoint(request: Request) -> Run:
     """test.py, predict.py and export.py: the checkpoint of -r (a file, or a run directory's best) and its config,
     to evaluate (never trained)."""
     path = checkpoint_to_evaluate(Path(request.resume))
-    state = checkpoint.load(path)
+    state = sharded.load_whole(path) if sharded.is_checkpoint(path) else checkpoint.load(path)
     config = load_config(request, path, state)
     config.data_values.update(state.get("data_values", {}))  # the model is built as training built it
     device = start_process(config, request)
@@ -230,12 +257,13 @@ def open_checkpoint(request: Request) -> Run:
 
 
 def checkpoint_to_evaluate(path: Path) -> Path:
-    """A checkpoint file as it is; of a run directory, model_best.pth, else latest.pth (monitoring off)."""
-    if not path.is_dir():
+    """A checkpoint file or folder as it is; of a run directory, model_best.pth, else latest.pth (monitoring off),
+    or the .dcp folder of that name (a sharded run's), the newer of the two where it has both."""
+    if not path.is_dir() or sharded.is_checkpoint(path):
         return path
-    for name in (BEST, LATEST):
-        if (path / name).is_file():
-            return path / name
+    for names in ((BEST, sharded.BEST), (LATEST, sharded.LATEST)):
+        if found := [path / name for name in names if (path / name).exists()]:
+            return max(found, key=lambda p: p.stat().st_mtime_ns)
     raise UserError(f"{path}: no {BEST} or {LATEST} in this run directory")
 
 
@@ -327,7 +355,7 @@ def find_resume(request: Request, config: ConfigParser | None) -> tuple[Path | N
         path, state = load_newest(run)
     else:
         path = Path(request.resume)
-        path, state = load_newest(path) if path.is_dir() else (path, checkpoint.load(path))
+        path, state = load_newest(path) if path.is_dir() and not sharded.is_checkpoint(path) else (path, load(path))
     # a run directory made by train.py is continued; a lone checkpoint elsewhere continues in a new run
     in_run = (path.parent / "config.json").is_file() and (path.parent / "train.log").is_file()
     return path, state, path.parent if in_run else None
@@ -354,12 +382,14 @@ def new_run_dir(config: ConfigParser, device: torch.device | None = None) -> Pat
 
 
 def candidates(run_dir: Path) -> list[Path]:
-    """Resumable checkpoints of a run, newest first; model_best.pth (a copy of an older state) last, for a run whose
-    other checkpoints were removed."""
+    """Resumable checkpoints of a run (files, and folders of a sharded run), newest first; model_best (a copy of an
+    older state) last, for a run whose other checkpoints were removed."""
+    sharded.recover(run_dir)
     files = [p for p in Path(run_dir).glob("*.pth") if p.name != BEST]
-    # file times are coarse: on a tie, latest.pth (written by mid-epoch saves too) is the newer state
-    files.sort(key=lambda p: (p.stat().st_mtime_ns, p.name == LATEST), reverse=True)
-    return files + [p for p in [Path(run_dir) / BEST] if p.is_file()]
+    files += [p for p in Path(run_dir).glob(f"*{sharded.SUFFIX}") if p.name != sharded.BEST and p.is_dir()]
+    # file times are coarse: on a tie, latest (written by mid-epoch saves too) is the newer state
+    files.sort(key=lambda p: (p.stat().st_mtime_ns, p.stem == "latest"), reverse=True)
+    return files + [p for p in [Path(run_dir) / BEST, Path(run_dir) / sharded.BEST] if p.exists()]
 
 
 def rank(value: float, monitor: str) -> float:
@@ -400,13 +430,18 @@ def load_newest(run_dir: Path) -> tuple[Path, dict]:
     """The newest checkpoint in `run_dir` that loads; a damaged one falls back to the one before."""
     files = candidates(run_dir)
     if not files:
-        raise UserError(f"{run_dir}: no checkpoint (*.pth) to resume from")
+        raise UserError(f"{run_dir}: no checkpoint (*.pth) or sharded checkpoint (*.dcp) to resume from")
     for path in files:
         try:
-            return path, checkpoint.load(path)
+            return path, load(path)
         except UserError as e:
             log.warning("skipping %s", e)
     raise UserError(f"{run_dir}: none of its {len(files)} checkpoints loads")
+
+
+def load(path: Path) -> dict:
+    """A checkpoint's state: a file's, or a sharded folder's run state (its tensors are read by `Run.restore`)."""
+    return sharded.load_state(path) if sharded.is_checkpoint(path) else checkpoint.load(path)
 
 
 def newest_run(save_dir: Path, name: str) -> Path | None:

@@ -16,7 +16,7 @@ import torch
 from base.base_trainer import BaseTrainer, Interrupted
 from config.schema import signature_params
 from trainer.optim_step import OptimStep
-from utils import dist
+from utils import dist, fsdp
 from utils.errors import SampleError, TrainingError, UserError, one_line
 from utils.profiler import profiled
 
@@ -217,7 +217,7 @@ class Trainer(BaseTrainer):
         """The model as the training steps call it: compiled and/or in DDP (its state is saved unwrapped)."""
         if self.options["compile"]:
             model = torch.compile(model)
-        if dist.is_distributed() and any(p.requires_grad for p in model.parameters()):
+        if dist.is_distributed() and any(p.requires_grad for p in model.parameters()) and not fsdp.is_sharded(model):
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return model
@@ -438,7 +438,9 @@ class Trainer(BaseTrainer):
         return result
 
     def _grad_sync(self, stepping: bool):
-        """Under DDP, all-reduce gradients only in the micro-batch that steps (no_sync while accumulating)."""
+        """Under DDP, all-reduce gradients only in the micro-batch that steps (no_sync while accumulating); under
+        FSDP, reduce-scatter them only then."""
+        fsdp.set_gradient_sync(self.models.values(), stepping)
         stack = contextlib.ExitStack()
         for model in self.forward_models.values() if not stepping else ():
             if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -458,16 +460,17 @@ class Trainer(BaseTrainer):
         over ranks. Validation and test.py both use this."""
         self.train_mode(False)
         tracker = MetricTracker(self.metric_fns, self.device, f"{type(self).__name__}.valid_step")
-        for batch in itertools.islice(loader, max_batches):
-            if self.loss_asks:
-                self._loss_inputs(loader)
-            batch = to_device(batch, self.device)
-            with autocast(self.device, self.options["amp"]):
-                result = self.valid_step(batch)
-            n = samples_in(result, batch)
-            tracker.update(result, n)
-            if progress is not None:
-                progress.update(n)
+        with fsdp.gathered(self.models.values()):  # ranks may have different numbers of batches
+            for batch in itertools.islice(loader, max_batches):
+                if self.loss_asks:
+                    self._loss_inputs(loader)
+                batch = to_device(batch, self.device)
+                with autocast(self.device, self.options["amp"]):
+                    result = self.valid_step(batch)
+                n = samples_in(result, batch)
+                tracker.update(result, n)
+                if progress is not None:
+                    progress.update(n)
         if not dist.any_flag(tracker.names is not None, self.device):
             raise UserError("the evaluation data is empty: no batch to evaluate")
         return tracker.result()
