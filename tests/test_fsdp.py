@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import ROOT, make_config, run, run_dirs
@@ -136,6 +137,35 @@ def test_metadata_with_other_than_tensors_or_outside_files_is_refused(tmp_path):
 
 
 @pytest.mark.quick
+def test_metadata_naming_a_file_outside_its_folder_is_refused(tmp_path):
+    folder = tmp_path / "outside.dcp"
+    with sharded.single_process_quiet():
+        dcp.save({"weight": torch.zeros(3)}, checkpoint_id=folder, no_dist=True)
+    metadata = sharded.read_metadata(folder)
+    next(iter(metadata.storage_data.values())).relative_path = "../../etc/passwd"
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UserError, match="must name files of the folder itself"):
+        sharded.read_metadata(folder)
+
+
+@pytest.mark.quick
+def test_optimizer_state_by_parameter_name_and_back():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.1}])
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    named = sharded.by_parameter_name(state, {"model": model})
+    assert list(named["optimizer"]["model"]["state"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    tensors, plain = sharded.split(named)
+    assert "optimizer/model/state/2.bias/exp_avg" in tensors and plain["optimizer"]["model"]["state"]["0.bias"] == {}
+    weights, back = sharded.ordinary_layout(sharded.merge(plain, tensors))
+    assert back["param_groups"] == state["optimizer"]["param_groups"] and weights.keys() == state["model"].keys()
+    for index, entry in state["optimizer"]["state"].items():
+        assert all(torch.equal(value, back["state"][index][key]) for key, value in entry.items())
+
+
+@pytest.mark.quick
 def test_recover_puts_back_a_folder_left_aside(tmp_path):
     aside = tmp_path / f".latest.dcp{sharded.ASIDE}"
     aside.mkdir()
@@ -157,6 +187,37 @@ def test_a_kill_in_the_middle_of_a_sharded_save_leaves_a_resumable_run(runs, tmp
     out = trained("-r", "auto", "-c", config, "--set", "trainer.die_at=0", env=env)
     assert "at epoch 2, batch 0 (global step 8)" in out, out[-3000:]
     assert_equal_states(whole(run_dir / "latest.dcp"), whole(runs["straight"] / "latest.dcp"))
+
+
+def test_clipping_and_accumulation_train_as_with_ddp(tmp_path, tiny_mnist):
+    """Two processes, batches of 8 accumulated twice, gradients clipped to 0.05 (every step clips): FSDP's
+    weights are DDP's (tests.models.Deterministic: no dropout)."""
+    results = {}
+    for strategy in ("ddp", "fsdp"):
+        (tmp_path / strategy).mkdir()
+        config = make_config(tmp_path / strategy, tiny_mnist, {
+            **FSDP, "trainer.strategy": strategy, "arch.type": "tests.models.Deterministic", "trainer.epochs": 1,
+            "data_loader.args.batch_size": 8, "trainer.accum_steps": 2, "trainer.grad_clip": 0.05})
+        trained("-c", config)
+        (run_dir,) = run_dirs(tmp_path / strategy / "saved")
+        results[strategy] = whole(run_dir / "latest.dcp") if strategy == "fsdp" else \
+            torch.load(run_dir / "latest.pth", weights_only=True)
+    assert results["fsdp"]["global_step"] == results["ddp"]["global_step"] == 4
+    for key, value in results["ddp"]["model"].items():
+        assert torch.allclose(results["fsdp"]["model"][key], value, rtol=0, atol=1e-6), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fsdp_with_nccl_and_bf16_on_cuda_then_resumed_in_one_process(tmp_path, tiny_mnist):
+    """Not run on the CI machine (no GPU): as many processes as GPUs (at most 2), NCCL, FSDP's bf16 policy."""
+    config = make_config(tmp_path, tiny_mnist, {**FSDP, "trainer.amp": "bf16", "trainer.epochs": 1})
+    nproc = min(2, torch.cuda.device_count())
+    code, out = finish(launch("--standalone", f"--nproc_per_node={nproc}", "train.py", "-d", "cuda", "-c", config))
+    assert code == 0 and f"Training on cuda:0 ({nproc} process" in out, out[-3000:]
+    (run_dir,) = run_dirs(tmp_path / "saved")
+    result = run("train.py", "-r", run_dir, "-d", "cuda", "--epochs", "2", timeout=TIMEOUT, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert whole(run_dir / "latest.dcp")["epoch"] == 2
 
 
 @pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="four processes on top of two: about 45 s; set RUN_SLOW=1")
