@@ -20,17 +20,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def local_bytes(tensors) -> int:
-    """Bytes this process holds of `tensors` (its shard of a sharded one)."""
-    from torch.distributed.tensor import DTensor
-
-    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
-
-
 def worker(blocks: int, width: int) -> None:
     import torch
 
     from utils import dist, fsdp
+
+    def local_bytes(tensors) -> int:
+        """Bytes this process holds of `tensors` (its shard of a sharded one)."""
+        return sum(fsdp.local(t).nbytes for t in tensors)
 
     dist.init(torch.device("cpu"))
     torch.manual_seed(0)

@@ -118,6 +118,8 @@ class ConfigParser:
         if len(set(self.metric_names())) != len(cfg["metrics"]):
             raise UserError(f"{src}: metrics: a metric is listed twice: {self.metric_names()}")
         self._check_names()
+        if cfg["trainer"]["strategy"] == "fsdp" and is_named(cfg["arch"]):
+            raise UserError(f"{src}: trainer.strategy: fsdp trains one model, and arch names several; use ddp")
         problem = schema.check_options(cfg["trainer"], self.logged_metric_names())
         if problem:
             raise UserError(f"{src}: trainer.{problem}")

@@ -146,6 +146,8 @@ def check_options(options: dict, logged_names: list[str]) -> str | None:
             low = 1 if key in AT_LEAST_ONE else 0
             if value < low:
                 return f"{key}: must be >= {low}, got {value!r}"
+    if options["strategy"] == "fsdp" and options["tb_histograms"]:  # each process holds a shard of each parameter
+        return "tb_histograms: needs whole parameters: not with strategy fsdp"
     if options.get("profile") is not None and check_profile(options["profile"]):
         return check_profile(options["profile"])
     if options["monitor"] == "off":

@@ -68,12 +68,18 @@ def read_metadata(folder: Path) -> Metadata:
             not all(isinstance(v, TensorStorageMetadata) for v in metadata.state_dict_metadata.values()):
         raise UserError(f"{path}: not a sharded checkpoint of this project (it must hold tensors only)")
     storage = metadata.storage_data
-    if not isinstance(storage, dict) or not all(
-            isinstance(k, MetadataIndex) and isinstance(v, _StorageInfo) and isinstance(v.relative_path, str)
-            and re.fullmatch(r"[\w.-]+", v.relative_path) and v.relative_path not in (".", "..")
-            for k, v in storage.items()):
+    if not isinstance(storage, dict) or not all(isinstance(k, MetadataIndex) and stored_here(v)
+                                                for k, v in storage.items()):
         raise UserError(f"{path}: damaged checkpoint: its storage entries must name files of the folder itself")
     return metadata
+
+
+def stored_here(entry) -> bool:
+    """A storage entry as this project writes them: a stretch of a file of the folder itself, not transformed."""
+    return (isinstance(entry, _StorageInfo) and isinstance(entry.relative_path, str)
+            and re.fullmatch(r"[\w.-]+", entry.relative_path) is not None and entry.relative_path not in (".", "..")
+            and all(type(n) is int and n >= 0 for n in (entry.offset, entry.length))
+            and not entry.transform_descriptors)
 
 
 class SafeReader(FileSystemReader):
@@ -129,35 +135,23 @@ def merge(plain: dict, tensors: dict) -> dict:
     return plain
 
 
-def by_parameter_name(state: dict, models: dict) -> dict:
-    """An ordinary checkpoint's model and optimizer entries as `fsdp.state_by_name` has them (optimizer state by
-    parameter name: the optimizers were built on `models[name].parameters()`, in that order)."""
-    one = models.keys() == {"model"}
-    weights = {"model": state["model"]} if one else {
-        name: {key[len(name) + 1 :]: value for key, value in state["model"].items() if key.startswith(f"{name}.")}
-        for name in models}
-    optimizers = {"model": state["optimizer"]} if one else state["optimizer"]
-    named = {}
-    for name, optimizer in optimizers.items():
-        params = [p for p, _ in models[name].named_parameters()]
-        named[name] = {"state": {params[i]: s for i, s in optimizer["state"].items()},
-                       "param_groups": [{**g, "params": [params[i] for i in g["params"]]}
-                                        for g in optimizer["param_groups"]]}
-    return {"model": weights, "optimizer": named}
+def by_parameter_name(state: dict, model: torch.nn.Module) -> dict:
+    """An ordinary checkpoint's model and optimizer entries as `fsdp.state_by_name` has them, for the one model
+    (trainer.strategy fsdp): optimizer state by parameter name (the optimizer was built on `model.parameters()`)."""
+    params = [name for name, _ in model.named_parameters()]
+    optimizer = {"state": {params[i]: s for i, s in state["optimizer"]["state"].items()},
+                 "param_groups": [{**g, "params": [params[i] for i in g["params"]]}
+                                  for g in state["optimizer"]["param_groups"]]}
+    return {"model": {"model": state["model"]}, "optimizer": {"model": optimizer}}
 
 
 def ordinary_layout(named: dict) -> tuple[dict, dict]:
     """The inverse of `by_parameter_name`: (model, optimizer) as an ordinary checkpoint holds them."""
-    optimizers = {}
-    for name, optimizer in named["optimizer"].items():
-        index: dict[str, int] = {}
-        groups = [{**g, "params": [index.setdefault(p, len(index)) for p in g["params"]]}
-                  for g in optimizer["param_groups"]]
-        optimizers[name] = {"state": {index[p]: s for p, s in optimizer["state"].items()}, "param_groups": groups}
-    models = named["model"]
-    if models.keys() == {"model"}:
-        return models["model"], optimizers["model"]
-    return {f"{name}.{key}": value for name, weights in models.items() for key, value in weights.items()}, optimizers
+    optimizer, index = named["optimizer"]["model"], {}
+    groups = [{**g, "params": [index.setdefault(p, len(index)) for p in g["params"]]}
+              for g in optimizer["param_groups"]]
+    return named["model"]["model"], {"state": {index[p]: s for p, s in optimizer["state"].items()},
+                                     "param_groups": groups}
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
@@ -180,9 +174,9 @@ def save(run_dir: Path, names: list[str], state: dict, models: dict, optimizers:
         try:
             checkpoint.save_atomic(checkpoint.serialize(rest), tmp / STATE)
             for name in names[:-1]:  # the same files under other names: hard links, no copy
-                copy = run_dir / f".{name}{checkpoint.TMP_MARK}write"
-                shutil.rmtree(copy, ignore_errors=True)
-                install(Path(shutil.copytree(tmp, copy, copy_function=os.link)), run_dir / name)
+                linked = run_dir / f".{name}{checkpoint.TMP_MARK}write"
+                shutil.rmtree(linked, ignore_errors=True)
+                install(Path(shutil.copytree(tmp, linked, copy_function=os.link)), run_dir / name)
             install(tmp, run_dir / names[-1])
         except OSError as e:
             raise TrainingError(f"cannot write checkpoint {run_dir / names[-1]}: {e.strerror or e}") from None
@@ -245,7 +239,7 @@ def load_into(models: dict, optimizers: dict, path: Path, state: dict) -> None:
     """Resume, on every rank together: the models' and optimizers' state of `path` (a DCP folder, read in the shards
     the models have now, whatever the processes that wrote it; or an ordinary checkpoint's whole tensors)."""
     if not is_checkpoint(path):
-        fsdp.load_by_name(models, optimizers, by_parameter_name(state, models), whole=True)
+        fsdp.load_by_name(models, optimizers, by_parameter_name(state, models["model"]), whole=True)
         return
     tensors, _ = split(fsdp.state_by_name(models, optimizers))
     read_tensors(path, tensors, together=True)

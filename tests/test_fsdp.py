@@ -17,6 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
+from config.parser import ConfigParser
 from conftest import ROOT, make_config, run, run_dirs
 from runs import sharded
 from test_distributed import ENV, finish, launch
@@ -155,7 +156,7 @@ def test_optimizer_state_by_parameter_name_and_back():
     model(torch.randn(5, 3)).sum().backward()
     optimizer.step()
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    named = sharded.by_parameter_name(state, {"model": model})
+    named = sharded.by_parameter_name(state, model)
     assert list(named["optimizer"]["model"]["state"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
     tensors, plain = sharded.split(named)
     assert "optimizer/model/state/2.bias/exp_avg" in tensors and plain["optimizer"]["model"]["state"]["0.bias"] == {}
@@ -163,6 +164,16 @@ def test_optimizer_state_by_parameter_name_and_back():
     assert back["param_groups"] == state["optimizer"]["param_groups"] and weights.keys() == state["model"].keys()
     for index, entry in state["optimizer"]["state"].items():
         assert all(torch.equal(value, back["state"][index][key]) for key, value in entry.items())
+
+
+@pytest.mark.quick
+def test_what_fsdp_does_not_do_is_refused_at_start_up(tmp_path, tiny_mnist):
+    config = make_config(tmp_path, tiny_mnist, {"trainer.strategy": "fsdp", "trainer.tb_histograms": 1})
+    with pytest.raises(UserError, match="trainer.tb_histograms: needs whole parameters: not with strategy fsdp"):
+        ConfigParser.from_file(config)
+    gan = ConfigParser.from_file(ROOT / "configs" / "mnist_gan.json").config
+    with pytest.raises(UserError, match="trainer.strategy: fsdp trains one model, and arch names several"):
+        ConfigParser.from_dict(gan, "gan", ["trainer.strategy=fsdp"])
 
 
 @pytest.mark.quick
