@@ -148,6 +148,8 @@ def check_options(options: dict, logged_names: list[str]) -> str | None:
                 return f"{key}: must be >= {low}, got {value!r}"
     if options["strategy"] == "fsdp" and options["tb_histograms"]:  # each process holds a shard of each parameter
         return "tb_histograms: needs whole parameters: not with strategy fsdp"
+    if options["strategy"] == "fsdp" and options["save_top_k"]:  # its files are single .pth checkpoints
+        return "save_top_k: not with strategy fsdp (its checkpoints are folders of shards); use save_period"
     if options.get("profile") is not None and check_profile(options["profile"]):
         return check_profile(options["profile"])
     if options["monitor"] == "off":
