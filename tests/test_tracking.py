@@ -154,18 +154,24 @@ def train_killing_the_server(config: Path, uri: str, server: subprocess.Popen) -
     return "".join(output)
 
 
-@needs_mlflow
-def test_k_fold_folds_are_children_of_one_tracked_run(tmp_path, tiny_mnist):
+def one_parent(store: Path) -> tuple:
+    """The embedded store's client, its one run without a parent, the names of that run's children, and all runs."""
     from mlflow.tracking import MlflowClient
 
-    config = shipped_config(tmp_path, tiny_mnist)
-    result = run("train.py", "-c", config, "--folds", "2", "--epochs", "1", env=ENV)
-    assert result.returncode == 0, result.stderr
-    client = MlflowClient(f"sqlite:///{tmp_path / 'saved' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{store}")
     runs = client.search_runs([client.get_experiment_by_name("mnist_mlflow").experiment_id])
     (parent,) = [tracked for tracked in runs if "mlflow.parentRunId" not in tracked.data.tags]
     children = sorted(tracked.info.run_name for tracked in runs if
                       tracked.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    return client, parent, children, runs
+
+
+@needs_mlflow
+def test_k_fold_folds_are_children_of_one_tracked_run(tmp_path, tiny_mnist):
+    config = shipped_config(tmp_path, tiny_mnist)
+    result = run("train.py", "-c", config, "--folds", "2", "--epochs", "1", env=ENV)
+    assert result.returncode == 0, result.stderr
+    client, parent, children, runs = one_parent(tmp_path / "saved" / "mlflow.db")
     assert children == ["fold_0", "fold_1"] and len(runs) == 3
     folds = json.loads((Path(parent.data.tags["run_dir"]) / "folds.json").read_text())
     assert folds["tracking_run_id"] == parent.info.run_id and parent.info.status == "FINISHED"
@@ -175,8 +181,6 @@ def test_k_fold_folds_are_children_of_one_tracked_run(tmp_path, tiny_mnist):
 @needs_mlflow
 @pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="Optuna is not installed")
 def test_sweep_trials_are_children_of_one_tracked_run_of_the_study(tmp_path, tiny_mnist):
-    from mlflow.tracking import MlflowClient
-
     config = json.loads(shipped_config(tmp_path, tiny_mnist).read_text())
     config["trainer"].update(epochs=1, type="Trainer")
     config["sweep"] = {"optimizer.args.lr": {"float": [1e-3, 1e-2], "log": True}}
@@ -185,11 +189,7 @@ def test_sweep_trials_are_children_of_one_tracked_run_of_the_study(tmp_path, tin
     for _ in range(2):  # the second process adds its trial to the same parent (the study keeps its id)
         result = run("sweep.py", "-c", path, "--trials", str(_ + 1), "--pruner", "none", env=ENV)
         assert result.returncode == 0, result.stderr
-    client = MlflowClient(f"sqlite:///{tmp_path / 'saved' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("mnist_mlflow").experiment_id])
-    (parent,) = [tracked for tracked in runs if "mlflow.parentRunId" not in tracked.data.tags]
-    children = sorted(tracked.info.run_name for tracked in runs if
-                      tracked.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    client, parent, children, runs = one_parent(tmp_path / "saved" / "mlflow.db")
     assert children == ["trial-0", "trial-1"] and len(runs) == 3 and parent.info.status == "FINISHED"
     assert "trials.csv" in {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
 
