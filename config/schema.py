@@ -118,6 +118,7 @@ TRAINER = {
     "early_stop": 0,  # stop after N epochs without improvement (0: never)
     "tensorboard": True,  # write TensorBoard event files into the run directory
     "log_step": 50,  # optimizer steps between console, TensorBoard and progress-bar updates
+    "train_metrics": "log_steps",  # training-batch metrics on the batches of logging steps, or on "every_step"
     "progress_seconds": 10.0,  # output not a terminal (CI, nohup, Slurm): a progress line at the first log interval
     # this many seconds after the last one (0: none); a terminal gets the progress bar
     "amp": "off",  # mixed precision: "off", "bf16", or "fp16" (with a grad scaler)
@@ -131,7 +132,8 @@ TRAINER = {
     "tb_histograms": 0,  # TensorBoard: parameter and gradient histograms every N epochs (0: off)
     "profile": None,  # torch.profiler over training batches: {wait: 1, warmup: 1, active: 3[, repeat: 1]} (null: off)
 }
-CHOICES = {"amp": ("off", "bf16", "fp16"), "on_nonfinite": ("stop", "skip"), "strategy": ("ddp", "fsdp")}
+CHOICES = {"amp": ("off", "bf16", "fp16"), "on_nonfinite": ("stop", "skip"), "strategy": ("ddp", "fsdp"),
+           "train_metrics": ("log_steps", "every_step")}
 AT_LEAST_ONE = ("epochs", "log_step", "accum_steps", "valid_period")
 PROFILE_KEYS = {"wait": 0, "warmup": 0, "active": 1, "repeat": 1}  # torch.profiler.schedule's, with their minimum
 

@@ -186,8 +186,10 @@ def test_stopped_mid_epoch_and_resumed_in_two_processes_logs_what_the_run_never_
     """Each rank's running sums are saved and taken back by that rank: the epoch's values are added up in the
     order of the run never stopped, so metrics.csv is the same byte for byte (rank 0 taking the total of both
     made epoch 1's loss differ in its last digits with this stop)."""
-    config = make_config(tmp_path, tiny_mnist, {**LAYOUT, "data_loader.args.batch_size": 16, "trainer.log_step": 1})
-    code, out = torchrun("-c", config, env={"TEST_SIGTERM": "1:4"})  # in step 3 (the first-batch check is call 1)
+    config = make_config(tmp_path, tiny_mnist, {**LAYOUT, "data_loader.args.batch_size": 16})
+    # signalled in step 3 (the first-batch check is call 1), stopped at step 5, the log interval: a running sum of
+    # accuracy measured on one of the 5 batches (train_metrics)
+    code, out = torchrun("-c", config, env={"TEST_SIGTERM": "1:4"})
     assert code != 0 and "stopped by SIGTERM" in out, out[-3000:]
     (run_dir,) = run_dirs(tmp_path / "saved")
     code, out = torchrun("-r", run_dir, "--trust-config")  # tests.models

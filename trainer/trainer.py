@@ -83,9 +83,11 @@ def failing_batch(what: str):
 
 class MetricTracker:
     """Sample-weighted sums, on the device, of what steps return: 'loss', the other scalar values, and each
-    metric of (output, target); and the losses of the batches since the last NaN/Inf check. The names are
-    fixed by the first batch, which is checked (and takes a mid-epoch checkpoint's sums by name). `result()` is
-    the only host sync; under DDP it sums over ranks, so every rank sees the global average."""
+    metric of (output, target) of the batches measured (`update(..., measure=True)`; training measures only the
+    batches of logging steps unless trainer.train_metrics is "every_step"); and the losses of the batches since
+    the last NaN/Inf check. The names are fixed by the first batch, which is checked (and takes a mid-epoch
+    checkpoint's sums by name). `result()` is the only host sync; under DDP it sums over ranks, so every rank
+    sees the global average."""
 
     def __init__(self, metric_fns: dict[str, Callable], device: torch.device, step: str = "step"):
         self.metric_fns, self.device, self.step = metric_fns, device, step
@@ -97,13 +99,13 @@ class MetricTracker:
         if self.keys is None:  # names of a checkpoint: a new epoch takes the next batch's
             self.names = None
         self.sums = torch.zeros(len(self.names or ()), device=self.device)
-        self.count = 0  # samples, known on the host: no sync
+        self.count = self.measured = 0  # samples of every batch, of the measured ones; known on the host: no sync
         self.mark(0)
 
     def mark(self, batch: int) -> None:
         """Start the interval buffers here: the next update is batch number `batch` of the epoch."""
         self.losses, self.losses_from = [], batch
-        self.logged = (self.sums.clone(), self.count)
+        self.logged = (self.sums.clone(), self.count, self.measured)
 
     def start(self, result) -> None:
         """Fix the names from a step's first result, checking that it is a mapping of scalar tensors."""
@@ -130,33 +132,39 @@ class MetricTracker:
                                 f"{', '.join(missing)}: resume from an epoch-end checkpoint or keep the metrics")
             self.sums = self.sums[[self.names.index(name) for name in names]]
         self.names = names
-        self.logged = (self.sums.clone(), self.count)
+        self.logged = (self.sums.clone(), self.count, self.measured)
 
-    def update(self, result: Mapping, n: int) -> None:
+    def update(self, result: Mapping, n: int, measure: bool = True) -> None:
+        """Add a batch of `n` samples: its step values, and its metrics if `measure`."""
         if self.keys is None:
             self.start(result)
         values = [result[key].detach().float() for key in self.keys]
-        if self.metric_fns:
-            with torch.no_grad():
-                values += [fn(result["output"], result["target"]).float() for fn in self.metric_fns.values()]
-        self.sums.add_(torch.stack(values), alpha=n)
-        self.count += n
         self.losses.append(values[0])
+        self.count += n
+        if not (measure and self.metric_fns):
+            self.sums[: len(values)].add_(torch.stack(values), alpha=n)
+            return
+        with torch.no_grad():
+            values += [fn(result["output"], result["target"]).float() for fn in self.metric_fns.values()]
+        self.sums.add_(torch.stack(values), alpha=n)
+        self.measured += n
 
     def result(self, reduce: bool = True, since: tuple | None = None) -> dict[str, float]:
-        """Averages since the last reset (or since `since`, an earlier (sums, count)), summed over ranks if `reduce`."""
-        sums, count = self.sums, self.count
+        """Averages since the last reset (or since `since`, an earlier (sums, count, measured)), summed over ranks
+        if `reduce`: the step values over every batch, the metrics over the measured ones."""
+        sums, count, measured = self.sums, self.count, self.measured
         if since is not None:
-            sums, count = sums - since[0], count - since[1]
-        totals = torch.cat([sums, torch.tensor([float(count)], device=self.device)])
+            sums, count, measured = sums - since[0], count - since[1], measured - since[2]
+        totals = torch.cat([sums, torch.tensor([float(count), float(measured)], device=self.device)])
         if reduce:
             totals = dist.all_reduce_sum(totals.clone())
-        values = (totals[:-1] / totals[-1].clamp(min=1)).tolist()
-        return dict(zip(self.names or (), values))
+        n_steps = max(len(self.names or ()) - len(self.metric_fns), 0)  # the names are [*keys, *metrics]
+        values = torch.cat([totals[:n_steps] / totals[-2].clamp(min=1), totals[n_steps:-2] / totals[-1].clamp(min=1)])
+        return dict(zip(self.names or (), values.tolist()))
 
     def interval_result(self) -> dict[str, float]:
         """This rank's averages since the previous call (the log interval)."""
-        since, self.logged = self.logged, (self.sums.clone(), self.count)
+        since, self.logged = self.logged, (self.sums.clone(), self.count, self.measured)
         return self.result(reduce=False, since=since)
 
     def first_nonfinite(self) -> int | None:
@@ -170,7 +178,8 @@ class MetricTracker:
 
     def state_dict(self) -> dict:
         """Every rank's own sums, in rank order (under DDP every rank must call this, as for a checkpoint)."""
-        return {"names": self.names, "ranks": dist.gather_objects({"sums": self.sums.cpu(), "count": self.count})}
+        own = {"sums": self.sums.cpu(), "count": self.count, "measured": self.measured}
+        return {"names": self.names, "ranks": dist.gather_objects(own)}
 
     def load_state_dict(self, state: dict) -> None:
         """On as many ranks each takes its own sums back, so the epoch's totals are added up in the order of a run
@@ -178,13 +187,15 @@ class MetricTracker:
         The names stay the checkpoint's until the next batch's `start` takes the sums by name."""
         self.names = state.get("names") or ["loss", *self.metric_fns]  # checkpoints before names were saved
         self.keys = None
-        self.sums, self.count = torch.zeros(len(self.names), device=self.device), 0
+        self.sums, self.count, self.measured = torch.zeros(len(self.names), device=self.device), 0, 0
         ranks = state.get("ranks") or [state]  # checkpoints before every rank's sums were saved: the total
+        ranks = [{"measured": r["count"], **r} for r in ranks]  # checkpoints before then measured every batch
         if len(ranks) == dist.world_size():
-            self.sums, self.count = ranks[dist.rank()]["sums"].to(self.device), ranks[dist.rank()]["count"]
+            own = ranks[dist.rank()]
+            self.sums, self.count, self.measured = own["sums"].to(self.device), own["count"], own["measured"]
         elif dist.is_main():
             self.sums = sum(r["sums"] for r in ranks).to(self.device)
-            self.count = sum(r["count"] for r in ranks)
+            self.count, self.measured = sum(r["count"] for r in ranks), sum(r["measured"] for r in ranks)
 
 
 def autocast(device: torch.device, amp: str):
@@ -203,6 +214,7 @@ class Trainer(BaseTrainer):
         self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
         self.data_fingerprint = data_loader.fingerprint()
         self.train_metrics = MetricTracker(metric_fns, device, f"{type(self).__name__}.train_step")
+        self.every_step_metrics = self.options["train_metrics"] == "every_step"
         self.memory_format = torch.channels_last if self.options["channels_last"] else torch.preserve_format
         self.forward_models = {name: self._wrap(m) for name, m in self.models.items()}  # what steps call
         self.forward_model = next(iter(self.forward_models.values()))
@@ -316,7 +328,9 @@ class Trainer(BaseTrainer):
             result = self.train_batch(batch, batch_idx, n_batches, last and self._due(epoch, "tb_histograms"))
             if result is None:  # on_nonfinite: skip
                 continue
-            self.train_metrics.update(result, samples_in(result, batch))
+            measure = self.every_step_metrics or (self.optim_step.stepping and (
+                last or self.global_step % self.log_step == 0))  # the steps that log them
+            self.train_metrics.update(result, samples_in(result, batch), measure)
             self.on_batch_end(batch_idx, result)
             if self.optim_step.stepping:
                 self.batch_in_epoch = batch_idx + 1

@@ -1,0 +1,62 @@
+"""What the hot loop leaves out stays out of the results: training metrics only on logging steps, and no
+host-device sync in a step that does not log (CUDA only)."""
+
+import copy
+import csv
+
+import pytest
+import torch
+
+from conftest import make_config, run, run_dirs
+from model import metric
+from trainer.trainer import MetricTracker
+from utils import checkpoint
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def batch(correct: int) -> dict:
+    """Two samples, `correct` of them classified right; loss 0.5."""
+    output = torch.tensor([[2.0, 1.0], [0.0, 1.0]])
+    return {"loss": torch.tensor(0.5), "output": output, "target": torch.tensor([0, 1 if correct == 2 else 0])}
+
+
+@pytest.mark.quick
+def test_metrics_average_the_measured_batches_and_a_mid_epoch_state_keeps_their_count():
+    tracker = MetricTracker({"accuracy": metric.accuracy}, torch.device("cpu"))
+    tracker.update(batch(1), 2, measure=False)  # not measured: its accuracy (0.5) counts nowhere
+    tracker.update(batch(2), 2)
+    resumed = MetricTracker({"accuracy": metric.accuracy}, torch.device("cpu"))
+    resumed.load_state_dict(copy.deepcopy(tracker.state_dict()))  # as through a file: no shared tensors
+    for t in (tracker, resumed):
+        t.update(batch(1), 2, measure=False)
+        t.update(batch(1), 2)
+    assert resumed.result() == tracker.result() == {"loss": 0.5, "accuracy": 0.75}
+
+
+def test_training_metrics_on_logging_steps_only_leave_the_weights_and_losses_as_on_every_step(tmp_path, tiny_mnist):
+    runs = {}
+    for mode in ("log_steps", "every_step"):
+        (tmp_path / mode).mkdir()
+        config = make_config(tmp_path / mode, tiny_mnist, {"trainer.epochs": 1, "trainer.log_step": 5,
+                                                            "trainer.train_metrics": mode,
+                                                            "trainer.tensorboard": False})
+        result = run("train.py", "-c", config, env=ENV)
+        assert result.returncode == 0, result.stderr
+        (runs[mode],) = run_dirs(tmp_path / mode / "saved")
+    final = {mode: checkpoint.load(run_dir / "latest.pth") for mode, run_dir in runs.items()}
+    for key, value in final["every_step"]["model"].items():
+        assert torch.equal(final["log_steps"]["model"][key], value), key
+    rows = {mode: next(csv.DictReader(open(run_dir / "metrics.csv"))) for mode, run_dir in runs.items()}
+    assert rows["log_steps"]["loss"] == rows["every_step"]["loss"]
+    assert rows["log_steps"]["val_accuracy"] == rows["every_step"]["val_accuracy"]
+    assert rows["log_steps"]["accuracy"] != rows["every_step"]["accuracy"]  # 6 of 28 batches against all
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_training_step_that_does_not_log_makes_no_host_device_sync(tmp_path, tiny_mnist):
+    config = make_config(tmp_path, tiny_mnist, {"device": "cuda", "trainer.type": "tests.nosync.NoSyncTrainer",
+                                                "trainer.epochs": 1, "trainer.log_step": 1000})
+    result = run("train.py", "-c", config)
+    assert result.returncode == 0, result.stderr  # a sync in a checked step is an error, and the run fails
+    assert "steps checked for syncs: 26" in result.stdout  # 28 steps, less the first and the last
