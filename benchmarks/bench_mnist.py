@@ -5,6 +5,7 @@
     python benchmarks/bench_mnist.py --same-allocator     # (a) gets train.py's CPU malloc settings too
     python benchmarks/bench_mnist.py --augment            # (b) against (c): (b) with on-device crop + flip
     python benchmarks/bench_mnist.py --tracking           # (b) against (d): (b) tracked by MLflow
+    python benchmarks/bench_mnist.py --device cuda --amp bf16 --channels-last --compile   # both ways get them
 
 One run of this script, on one device, trains the same model on the same data with the same batch size,
 optimizer (Adam, lr 0.002) and number of steps two ways, each in a fresh process:
@@ -18,6 +19,9 @@ optimizer (Adam, lr 0.002) and number of steps two ways, each in a fresh process
               timed against (b) instead of (a).
   (d) --tracking: (b) with `tracking={type: mlflow}` (the embedded SQLite store in the save folder; needs
               requirements-tracking.txt), timed against (b) instead of (a).
+
+--batch-size, --amp, --channels-last and --compile apply to both ways: (a) gets autocast (and a GradScaler for fp16),
+a channels_last model and inputs and torch.compile as a user would add them; (b) the trainer keys of the same names.
 
 The timed span is whole epochs, validation included: (a) its epoch loop, (b) `Trainer.train()`. Both
 processes import what they use before the clock starts; the cost of imports and data loading is what
@@ -96,43 +100,54 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_hand(data_dir: Path, epochs: int, device: torch.device,
-             optimizer_class=torch.optim.Adam) -> tuple[float, float]:
-    """(a) The loop a user would write by hand; returns the (wall, CPU) seconds of `epochs` epochs with validation."""
+def run_hand(data_dir: Path, args, optimizer_class=torch.optim.Adam) -> tuple[float, float]:
+    """(a) The loop a user would write by hand, with the options of `args` (batch size, AMP, channels_last, compile)
+    as a user would add them; returns the (wall, CPU) seconds of `args.epochs` epochs with validation."""
+    import contextlib
+
     import torch.nn.functional as F
 
     from data_loader.datasets import read_idx
     from model.model import MnistModel
 
+    device = torch.device(args.device)
     raw = data_dir / "MNIST" / "raw"
     images = read_idx(raw / FILES[0]).unsqueeze(1).to(device)
     labels = read_idx(raw / FILES[1]).long().to(device)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1)).to(device)
     n_valid = int(len(images) * VALIDATION_FRACTION)
     valid_idx, train_idx = order[:n_valid], order[n_valid:]
-    model = MnistModel().to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = MnistModel().to(device, memory_format=memory_format)
     optimizer = optimizer_class(model.parameters(), lr=LR)
+    forward = torch.compile(model) if args.compile else model
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if args.amp != "off" else contextlib.nullcontext
 
     def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (images[idx].float() / 255 - MEAN) / STD, labels[idx]
+        return ((images[idx].float() / 255 - MEAN) / STD).contiguous(memory_format=memory_format), labels[idx]
 
     sync(device)
     started, cpu = time.perf_counter(), cpu_seconds()
-    for _ in range(epochs):
+    for _ in range(args.epochs):
         model.train()
         perm = train_idx[torch.randperm(len(train_idx), device=device)]
-        for i in range(0, len(perm), BATCH_SIZE):
-            data, target = batch(perm[i : i + BATCH_SIZE])
-            loss = F.nll_loss(model(data), target)
+        for i in range(0, len(perm), args.batch_size):
+            data, target = batch(perm[i : i + args.batch_size])
+            with autocast():
+                loss = F.nll_loss(forward(data), target)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         model.eval()
         total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         with torch.no_grad():
-            for i in range(0, n_valid, BATCH_SIZE):
-                data, target = batch(valid_idx[i : i + BATCH_SIZE])
-                output = model(data)
+            for i in range(0, n_valid, args.batch_size):
+                data, target = batch(valid_idx[i : i + args.batch_size])
+                with autocast():
+                    output = model(data)
                 total_loss += F.nll_loss(output, target, reduction="sum")
                 correct += (output.argmax(1) == target).sum()
         print(f"val_loss {total_loss.item() / n_valid:.4f}  val_accuracy {correct.item() / n_valid:.4f}")
@@ -140,17 +155,20 @@ def run_hand(data_dir: Path, epochs: int, device: torch.device,
     return time.perf_counter() - started, cpu_seconds() - cpu
 
 
-def trainer_overrides(data_dir: Path, save_dir: Path, epochs: int, device: str) -> list[str]:
-    return [f"data_loader.args.data_dir={data_dir}", f"data_loader.args.batch_size={BATCH_SIZE}",
+def trainer_overrides(data_dir: Path, save_dir: Path, epochs: int, args) -> list[str]:
+    """configs/mnist.json set to the benchmark's data, batch size, epochs and device, and `args`' GPU options."""
+    gpu_options = ([f"trainer.amp={args.amp}"] if args.amp != "off" else []) + \
+        ["trainer.channels_last=true"] * args.channels_last + ["trainer.compile=true"] * args.compile
+    return [f"data_loader.args.data_dir={data_dir}", f"data_loader.args.batch_size={args.batch_size}",
             f"data_loader.args.validation_split={VALIDATION_FRACTION}", f"optimizer.args.lr={LR}",
-            f"trainer.epochs={epochs}", f"trainer.save_dir={save_dir}", f"device={device}"]
+            f"trainer.epochs={epochs}", f"trainer.save_dir={save_dir}", f"device={args.device}", *gpu_options]
 
 
 VARIANTS = {"train": [], "augment": ["data_loader.args.augment={crop_padding: 2, flip: true}"],
             "tracking": ["tracking={type: mlflow}"]}  # (b), (c), (d): their overrides
 
 
-def run_trainer(data_dir: Path, epochs: int, device: torch.device, variant: str = "train") -> tuple[float, float]:
+def run_trainer(data_dir: Path, args, variant: str = "train") -> tuple[float, float]:
     """(b) `train.py -c configs/mnist.json` in this process; returns the (wall, CPU) seconds `Trainer.train()` took."""
     import train
     from trainer.trainer import Trainer
@@ -168,7 +186,7 @@ def run_trainer(data_dir: Path, epochs: int, device: torch.device, variant: str 
 
     Trainer.train = timed_train
     with tempfile.TemporaryDirectory() as save_dir:
-        overrides = trainer_overrides(data_dir, Path(save_dir), epochs, str(device)) + VARIANTS[variant]
+        overrides = trainer_overrides(data_dir, Path(save_dir), args.epochs, args) + VARIANTS[variant]
         train.main(["-c", str(ROOT / "configs" / "mnist.json"), "--set", *overrides])
     return seconds[0]
 
@@ -176,11 +194,11 @@ def run_trainer(data_dir: Path, epochs: int, device: torch.device, variant: str 
 def worker(args) -> None:
     device = torch.device(args.device)
     if args.worker == "hand-startup":
-        run_hand(Path(args.data_dir), 1, device, FirstStepAdam)
+        run_hand(Path(args.data_dir), args, FirstStepAdam)
     if args.worker == "hand":
-        seconds, cpu = run_hand(Path(args.data_dir), args.epochs, device)
+        seconds, cpu = run_hand(Path(args.data_dir), args)
     else:
-        seconds, cpu = run_trainer(Path(args.data_dir), args.epochs, device, args.worker)
+        seconds, cpu = run_trainer(Path(args.data_dir), args, args.worker)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     Path(args.out).write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak}))
@@ -198,14 +216,21 @@ def worker_env(args) -> dict:
 
 
 def spawn(mode: str, data_dir: Path, args, out: Path) -> dict:
-    command = [sys.executable, __file__, "--worker", mode, "--data-dir", str(data_dir), "--epochs",
-               str(args.epochs), "--device", args.device, "--out", str(out)]
+    command = [sys.executable, __file__, "--worker", mode, "--data-dir", str(data_dir), "--out", str(out),
+               *worker_options(args)]
     # the console log goes nowhere (its cost stays); stderr is ours, so a terminal shows the progress bar
     result = subprocess.run(command, cwd=ROOT, env=worker_env(args), stdout=subprocess.DEVNULL,
                             stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         sys.exit(f"error: the {mode} worker failed (exit {result.returncode}): {' '.join(command)}")
     return json.loads(out.read_text())
+
+
+def worker_options(args) -> list[str]:
+    """The options a worker process takes from the driver's command line."""
+    options = ["--epochs", str(args.epochs), "--device", args.device, "--batch-size", str(args.batch_size),
+               "--amp", args.amp]
+    return options + ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
 
 
 def startup_seconds(command: list[str]) -> float:
@@ -255,6 +280,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per timed run (default: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way, interleaved (default: 3)")
     parser.add_argument("--startup-repeats", type=int, default=5, help="start-up measurements of each (default: 5)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"(default: {BATCH_SIZE})")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                        help="mixed precision on both ways (default: off)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last model and inputs on both ways")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model on both ways")
     parser.add_argument("--same-allocator", action="store_true",
                         help="give the hand-written loop the malloc settings train.py uses on CPU too")
     parser.add_argument("--augment", action="store_true",
@@ -277,8 +307,9 @@ def main() -> None:
         prepare_data(source, data_dir)
         n_train = len(read_idx(data_dir / "MNIST" / "raw" / FILES[1]))
         n_train -= int(n_train * VALIDATION_FRACTION)
-        print(f"MNIST from {source}: {n_train} training samples per epoch, batch {BATCH_SIZE}, {args.epochs} epochs, "
-              f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        print(f"MNIST from {source}: {n_train} training samples per epoch, batch {args.batch_size}, "
+              f"{args.epochs} epochs, device {args.device}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads"
               + (", the same malloc settings for both" if args.same_allocator else ""))
 
         pair = ("train", "augment") if args.augment else ("train", "tracking") if args.tracking else ("hand", "train")
@@ -292,13 +323,13 @@ def main() -> None:
             return
 
         startup_config = ["-c", "configs/mnist.json", "--set", *trainer_overrides(
-            data_dir, Path(tmp) / "saved", 1, args.device), "optimizer.type=benchmarks.bench_mnist.FirstStepAdam"]
+            data_dir, Path(tmp) / "saved", 1, args), "optimizer.type=benchmarks.bench_mnist.FirstStepAdam"]
         commands = {
             "python -c 'import torch'": [sys.executable, "-c", "import torch"],
             "... and import torch._dynamo": [sys.executable, "-c", "import time, torch, torch._dynamo; "
                                              "print('FIRST_STEP', time.time())"],
             "(a) hand-written loop to first step": [sys.executable, __file__, "--worker", "hand-startup", "--data-dir",
-                                                    str(data_dir), "--device", args.device],
+                                                    str(data_dir), *worker_options(args)],
             "(b) train.py -c ... to first step": [sys.executable, "train.py", *startup_config],
         }
         startup = {label: [] for label in commands}
@@ -307,6 +338,8 @@ def main() -> None:
                 startup[label].append(startup_seconds(command))
 
     report(results, pair, n_train, args)
+    if not args.startup_repeats:
+        return
     print(f"\nstart-up, seconds from launch ({args.startup_repeats} runs each, mean ± sd; torch.optim's first step "
           "imports torch._dynamo, in any script):")
     for label, seconds in startup.items():
