@@ -170,13 +170,20 @@ VARIANTS = {"train": [], "augment": ["data_loader.args.augment={crop_padding: 2,
 
 def run_trainer(data_dir: Path, args, variant: str = "train") -> tuple[float, float]:
     """(b) `train.py -c configs/mnist.json` in this process; returns the (wall, CPU) seconds `Trainer.train()` took."""
+    with tempfile.TemporaryDirectory() as save_dir:
+        overrides = trainer_overrides(data_dir, Path(save_dir), args.epochs, args) + VARIANTS[variant]
+        return timed_train(["-c", str(ROOT / "configs" / "mnist.json"), "--set", *overrides])
+
+
+def timed_train(argv: list[str]) -> tuple[float, float]:
+    """`train.main(argv)` in this process; the (wall, CPU) seconds its `Trainer.train()` took."""
     import train
     from trainer.trainer import Trainer
 
     seconds = []
     train_epochs = Trainer.train
 
-    def timed_train(self):
+    def timed(self):
         sync(self.device)
         started, cpu = time.perf_counter(), cpu_seconds()
         result = train_epochs(self)
@@ -184,10 +191,8 @@ def run_trainer(data_dir: Path, args, variant: str = "train") -> tuple[float, fl
         seconds.append((time.perf_counter() - started, cpu_seconds() - cpu))
         return result
 
-    Trainer.train = timed_train
-    with tempfile.TemporaryDirectory() as save_dir:
-        overrides = trainer_overrides(data_dir, Path(save_dir), args.epochs, args) + VARIANTS[variant]
-        train.main(["-c", str(ROOT / "configs" / "mnist.json"), "--set", *overrides])
+    Trainer.train = timed
+    train.main(argv)
     return seconds[0]
 
 

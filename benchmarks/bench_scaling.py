@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from base.base_data_loader import BaseDataLoader  # noqa: E402
-from benchmarks.bench_mnist import cpu_seconds, mean_sd, run_trainer  # noqa: E402
+from benchmarks.bench_mnist import cpu_seconds, mean_sd, run_trainer, timed_train  # noqa: E402
 from data_loader.datasets import InMemoryImages, read_idx  # noqa: E402
 from utils.allocator import MALLOC_SETTINGS  # noqa: E402
 
@@ -90,24 +90,6 @@ def trainer_resnet(epochs: int, save_dir: Path) -> tuple[float, float]:
     return timed_train(["-c", str(path)])
 
 
-def timed_train(argv: list[str]) -> tuple[float, float]:
-    """(wall, CPU) seconds of `Trainer.train()` in `train.main(argv)`, as bench_mnist.run_trainer times it."""
-    import train
-    from trainer.trainer import Trainer
-
-    seconds, train_epochs = [], Trainer.train
-
-    def timed(self):
-        started, cpu = time.perf_counter(), cpu_seconds()
-        result = train_epochs(self)
-        seconds.append((time.perf_counter() - started, cpu_seconds() - cpu))
-        return result
-
-    Trainer.train = timed
-    train.main(argv)
-    return seconds[0]
-
-
 def hand_ddp(epochs: int) -> tuple[float, float]:
     """LeNet by hand under DDP (gloo, CPU): each rank its half of a seeded order; validation summed over ranks."""
     import torch.distributed as dist
@@ -149,6 +131,7 @@ def hand_ddp(epochs: int) -> tuple[float, float]:
                 totals += torch.stack([F.nll_loss(output, target, reduction="sum"), (output.argmax(1) == target).sum()])
         dist.all_reduce(totals)
     seconds = time.perf_counter() - started, cpu_seconds() - cpu
+    dist.barrier()  # a rank that tears down while the other still talks to it aborts
     dist.destroy_process_group()
     return seconds
 
