@@ -97,7 +97,8 @@ def test_two_processes_share_one_study_on_postgresql(tmp_path, tiny_mnist, postg
     procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [proc.communicate(timeout=300) for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert [proc.returncode for proc in procs] == [0, 0], [(proc.returncode, out[-1500:], err[-3000:])
+                                                           for proc, (out, err) in zip(procs, outputs)]
     trained = [set(re.findall(r"^sweep: trial (\d+): .* in ", out, re.M)) for out, _ in outputs]
     assert trained[0] and trained[1] and not trained[0] & trained[1], trained  # both worked, never on one trial
     import optuna
