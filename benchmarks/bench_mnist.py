@@ -342,7 +342,8 @@ def main() -> None:
             for label, command in commands.items():
                 startup[label].append(startup_seconds(command))
 
-    report(results, pair, n_train, args)
+    if args.repeats:
+        report(results, pair, n_train, args)
     if not args.startup_repeats:
         return
     print(f"\nstart-up, seconds from launch ({args.startup_repeats} runs each, mean ± sd; torch.optim's first step "

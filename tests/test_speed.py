@@ -1,13 +1,17 @@
-"""What the hot loop leaves out stays out of the results: training metrics only on logging steps, and no
-host-device sync in a step that does not log (CUDA only)."""
+"""What the hot loop leaves out stays out of the results: training metrics only on logging steps, no
+host-device sync in a step that does not log (CUDA only), and TensorBoard written without importing its writer."""
 
 import copy
 import csv
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import make_config, run, run_dirs
+from conftest import ROOT, make_config, run, run_dirs
+from logger.tensorboard import masked_crc32c
 from model import metric
 from trainer.trainer import MetricTracker
 from utils import checkpoint
@@ -51,6 +55,35 @@ def test_training_metrics_on_logging_steps_only_leave_the_weights_and_losses_as_
     assert rows["log_steps"]["loss"] == rows["every_step"]["loss"]
     assert rows["log_steps"]["val_accuracy"] == rows["every_step"]["val_accuracy"]
     assert rows["log_steps"]["accuracy"] != rows["every_step"]["accuracy"]  # 6 of 28 batches against all
+
+
+@pytest.mark.quick
+def test_event_records_carry_tensorboards_own_checksum():
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tensorboards
+
+    for data in (b"", b"123456789", bytes(range(256)) * 3, os.urandom(1000)):
+        assert masked_crc32c(data) == tensorboards(data)
+
+
+def test_a_run_writes_its_scalars_and_hparams_without_importing_tensorboards_writer(tmp_path, tiny_mnist):
+    """The import of torch.utils.tensorboard (and boto3 where installed) was the largest once-per-run cost."""
+    config = make_config(tmp_path, tiny_mnist, {"trainer.epochs": 1, "trainer.log_step": 5})
+    driver = (f"import sys, train; train.main(['-c', {str(config)!r}]); "
+              "print(sorted(m for m in sys.modules if m.startswith(('torch.utils.tensorboard', 'tensorboard.summary', "
+              "'boto3'))))")
+    result = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = run_dirs(tmp_path / "saved")
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    steps = [event.step for event in events.Scalars("step/loss")]
+    assert steps[:5] == [5, 10, 15, 20, 25] and steps == sorted(set(steps))
+    assert {"epoch/val_accuracy", "epoch/lr", "hparam/val_accuracy"} <= set(events.Tags()["scalars"])
+    assert set(events.PluginTagToContent("hparams")) == {"_hparams_/experiment", "_hparams_/session_start_info",
+                                                          "_hparams_/session_end_info"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
