@@ -5,8 +5,10 @@ as an uninterrupted one, and a mid-epoch resume skips the batches already traine
 them. Under torchrun each rank takes every world_size-th sample of that order.
 
 A dataset's own random draws (augmentation with torch, `random` or NumPy in `__getitem__`) are a function of
-position too: before each sample is read, those generators are seeded from (seed, epoch, sample index), in
-whichever worker reads it. So any num_workers, persistent or not, any rank and any resume read the same data."""
+position too, in whichever worker reads them: torch's generator is seeded from (seed, epoch, sample index) before
+each sample, Python's and NumPy's from (seed, epoch, the batch's first sample index) before each batch (their
+seeding costs more). So any num_workers, persistent or not, and any resume read the same data; torch's draws
+(torchvision's transforms) are also the same on any number of ranks."""
 
 import contextlib
 import copy
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from base.data_fingerprint import data_fingerprint
 from utils import dist
 from utils.errors import SampleError, UserError, one_line
-from utils.seed import draw_seed, generators_kept, seed_generators
+from utils.seed import draw_seed, generators_kept, seed_python_and_numpy
 
 
 class _EpochKeys(Sampler):
@@ -41,9 +43,10 @@ class _EpochKeys(Sampler):
 
 
 class SeededSamples(Dataset):
-    """`dataset` read by (epoch, index) keys, each sample with the generators seeded from (seed, epoch, index).
-    In the main process (num_workers 0) the generators are the training's (dropout): put back afterwards. A sample
-    that fails to read raises a SampleError naming it (index and file), in whichever process reads it."""
+    """`dataset` read a batch of (epoch, index) keys at a time: Python's and NumPy's generators seeded from the
+    batch's first key, torch's from each sample's own. In the main process (num_workers 0) the generators are the
+    training's (dropout): put back afterwards. A sample that fails to read raises a SampleError naming it (index
+    and file), in whichever process reads it."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -53,11 +56,12 @@ class SeededSamples(Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
         with generators_kept() if get_worker_info() is None else contextlib.nullcontext():
+            seed_python_and_numpy(draw_seed(self.seed, *keys[0]))
             return [self.read(key) for key in keys]
 
     def read(self, key: tuple[int, int]):
         epoch, index = key
-        seed_generators(draw_seed(self.seed, epoch, index))
+        torch.default_generator.manual_seed(draw_seed(self.seed, epoch, index))
         try:
             return self.dataset[index]
         except Exception as e:  # noqa: BLE001 - whatever the data raise, the one line names the sample

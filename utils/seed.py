@@ -19,6 +19,11 @@ def draw_seed(seed: int, epoch: int, number: int) -> int:
 def seed_generators(seed: int) -> None:
     """Seed the generators a dataset may draw from: torch's, Python's and NumPy's (global) ones."""
     torch.default_generator.manual_seed(seed)
+    seed_python_and_numpy(seed)
+
+
+def seed_python_and_numpy(seed: int) -> None:
+    """Python's and NumPy's global generators (several times the cost of seeding torch's)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
 
