@@ -10,12 +10,12 @@ A sweep's path: a Request (utils/cli.py) -> its Sweep (runs/sweep.py), which han
 import utils.python_version  # noqa: F401 - first: an older Python stops here, in one line
 
 # isort: split
-import gc
 import sys
 
 from runs.sweep import PRUNERS, Sweep, TrialPruned
 from train import train
 from utils import dist
+from utils.allocator import unfreeze_objects
 from utils.cli import ArgumentParser, Request, add_common_arguments, integer, request_of, run_main, text
 from utils.errors import TrainingError
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                       file=sys.stderr)
                 raise
             finally:
-                gc.unfreeze()  # train() froze the trial's objects out of the collector's sight; they end with it
+                unfreeze_objects()  # train() froze the trial's objects out of the collector's sight; they end with it
             sweep.finish(trial)
         sweep.summarize()
     return 0

@@ -12,7 +12,6 @@ A run's path: a Request (utils/cli.py) -> a Run (runs/run.py) -> its trainer (co
 import utils.python_version  # noqa: F401 - first: an older Python stops here, in one line
 
 # isort: split
-import gc
 import logging
 import sys
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from logger.tracking import check_installed
 from runs.kfold import KFold
 from runs.run import Run, candidates, finetune_weights, open_run
 from utils import checkpoint, dist
-from utils.allocator import keep_freed_memory
+from utils.allocator import freeze_objects, keep_freed_memory
 from utils.cli import (
     SHORTCUTS,
     ArgumentParser,
@@ -112,10 +111,7 @@ def train(request: Request, epoch_callback: Callable[[int, dict[str, float]], No
     if run.device.type == "cpu":
         keep_freed_memory()
     log_start(trainer, run, request)
-    # Start-up's objects (torch's modules, the config, models, data) live as long as the run: frozen out of the
-    # garbage collector's sight, a full collection during training scans only what training made (not the
-    # hundreds of thousands of objects torch's import made; README: Performance).
-    gc.freeze()
+    freeze_objects()  # start-up's objects, out of the garbage collector's sight while training
     trainer.train()
     log.info("Done. Checkpoints and logs: %s", run.dir)
     return 0

@@ -12,7 +12,6 @@ seeding costs more). So any num_workers, persistent or not, and any resume read 
 
 import contextlib
 import copy
-import gc
 import logging
 import os
 import signal
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from base.data_fingerprint import data_fingerprint
 from utils import dist
+from utils.allocator import frozen_while_forking
 from utils.errors import SampleError, UserError, one_line
 from utils.seed import draw_seed, generators_kept, seed_python_and_numpy
 
@@ -114,14 +114,10 @@ def start_workers(loader: DataLoader) -> Iterator:
     SIGINT and SIGTERM stay blocked meanwhile, so a new worker takes none before it ignores them; one that came
     to this process is handled once they are unblocked."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    frozen = not gc.get_freeze_count()  # someone froze objects on purpose: leave that alone
-    if frozen:
-        gc.freeze()
     try:
-        return iter(loader)
+        with frozen_while_forking():
+            return iter(loader)
     finally:
-        if frozen:
-            gc.unfreeze()
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from utils import dist
+from utils.allocator import unfreeze_objects
 from utils.errors import UserError, one_line
 
 # Command-line shortcuts for config keys (train.py has all three, test.py only --bs).
@@ -109,7 +110,7 @@ def run_main(main: Callable[[], int | None]) -> None:
     if dist.is_distributed():
         # free what holds the process group (a DDP model in a reference cycle, or frozen by train.py) while the
         # interpreter is whole: a gloo group freed during interpreter shutdown can abort the process
-        gc.unfreeze()
+        unfreeze_objects()
         gc.collect()
         torch.distributed.destroy_process_group()
     sys.exit(code or 0)
