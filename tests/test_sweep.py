@@ -91,9 +91,10 @@ def test_a_killed_trial_resumes_in_its_own_folder_to_the_weights_of_its_config_t
 
 
 def test_two_processes_share_one_study_on_postgresql(tmp_path, tiny_mnist, postgres_url):
-    config = make_config(tmp_path, tiny_mnist, FAST)
+    """Each process's first trial waits for the other's (plugin_sweep.py): both work at once, whichever starts first."""
+    config = make_config(tmp_path, tiny_mnist, {**FAST, "trainer.type": "plugin_sweep.WaitsForAnotherTrial"})
     command = [sys.executable, str(ROOT / "sweep.py"), "-c", str(config), "--trials", "4", "--storage", postgres_url]
-    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [proc.communicate(timeout=300) for proc in procs]
