@@ -38,6 +38,16 @@ def test_metrics_average_the_measured_batches_and_a_mid_epoch_state_keeps_their_
     assert resumed.result() == tracker.result() == {"loss": 0.5, "accuracy": 0.75}
 
 
+@pytest.mark.quick
+def test_a_trackers_state_is_a_copy_that_later_batches_leave_alone():
+    tracker = MetricTracker({"accuracy": metric.accuracy}, torch.device("cpu"))
+    tracker.update(batch(2), 2)
+    state = tracker.state_dict()
+    saved = state["ranks"][0]["sums"].clone()
+    tracker.update(batch(1), 2)
+    assert torch.equal(state["ranks"][0]["sums"], saved)
+
+
 def test_training_metrics_on_logging_steps_only_leave_the_weights_and_losses_as_on_every_step(tmp_path, tiny_mnist):
     runs = {}
     for mode in ("log_steps", "every_step"):

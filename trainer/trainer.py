@@ -178,7 +178,7 @@ class MetricTracker:
 
     def state_dict(self) -> dict:
         """Every rank's own sums, in rank order (under DDP every rank must call this, as for a checkpoint)."""
-        own = {"sums": self.sums.cpu(), "count": self.count, "measured": self.measured}
+        own = {"sums": self.sums.to("cpu", copy=True), "count": self.count, "measured": self.measured}
         return {"names": self.names, "ranks": dist.gather_objects(own)}
 
     def load_state_dict(self, state: dict) -> None:
