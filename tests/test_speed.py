@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_config, run, run_dirs
-from logger.tensorboard import masked_crc32c
+from logger.tensorboard import TensorboardWriter, flatten, masked_crc32c
 from model import metric
 from trainer.trainer import MetricTracker
 from utils import checkpoint
@@ -75,12 +75,41 @@ def test_event_records_carry_tensorboards_own_checksum():
         assert masked_crc32c(data) == tensorboards(data)
 
 
-def test_a_run_writes_its_scalars_and_hparams_without_importing_tensorboards_writer(tmp_path, tiny_mnist):
-    """The import of torch.utils.tensorboard (and boto3 where installed) was the largest once-per-run cost."""
+@pytest.mark.quick
+def test_the_writers_records_are_the_events_tensorboard_reads(tmp_path):
+    """Encoded by hand (logger/tensorboard.py), read back by TensorBoard's loader and protocol buffers, and the
+    HParams view's data equal to what torch.utils.tensorboard's add_hparams builds."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from torch.utils.tensorboard.summary import hparams
+
+    config, final = {"optimizer": {"lr": 0.1, "type": "Adam"}, "amp": False}, {"val_accuracy": 0.9}
+    writer = TensorboardWriter(tmp_path, True, purge_step=3)
+    writer.scalars({"step/loss": 0.5, "step/huge": 1e39}, 4)
+    writer.hparams(config, final)
+    writer.close()
+    (path,) = tmp_path.iterdir()
+    events = list(LegacyEventFileLoader(str(path)).Load())
+    assert events[0].file_version == "brain.Event:2"
+    assert events[1].step == 3 and events[1].session_log.status == events[1].session_log.START
+    assert events[2].step == 4 and [(v.tag, v.simple_value) for v in events[2].summary.value] == \
+        [("step/loss", 0.5), ("step/huge", float("inf"))]
+    expected = hparams(flatten(config), {"hparam/val_accuracy": 0.9})
+    for event, summary in zip(events[3:6], expected):
+        (ours,), (theirs,) = event.summary.value, summary.value
+        assert ours.tag == theirs.tag and ours.metadata.plugin_data.plugin_name == "hparams"
+        assert plugin_data_pb2.HParamsPluginData.FromString(ours.metadata.plugin_data.content) == \
+            plugin_data_pb2.HParamsPluginData.FromString(theirs.metadata.plugin_data.content)
+    assert [(v.tag, round(v.simple_value, 6)) for v in events[6].summary.value] == [("hparam/val_accuracy", 0.9)]
+
+
+def test_a_run_writes_its_scalars_and_hparams_without_importing_tensorboard_or_protobuf(tmp_path, tiny_mnist):
+    """The import of torch.utils.tensorboard (and boto3 where installed) was the largest once-per-run cost, and the
+    protocol-buffer runtime the next."""
     config = make_config(tmp_path, tiny_mnist, {"trainer.epochs": 1, "trainer.log_step": 5})
     driver = (f"import sys, train; train.main(['-c', {str(config)!r}]); "
-              "print(sorted(m for m in sys.modules if m.startswith(('torch.utils.tensorboard', 'tensorboard.summary', "
-              "'boto3'))))")
+              "print(sorted(m for m in sys.modules if m.startswith(('torch.utils.tensorboard', 'tensorboard', "
+              "'google.protobuf', 'boto3'))))")
     result = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
