@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import platform
+from collections.abc import Iterator
 
 MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 64 << 20}  # bytes, by env variable
 objects_frozen = False  # by freeze_objects (gc.get_freeze_count would tell, but it counts them one by one)
@@ -47,7 +48,7 @@ def unfreeze_objects() -> None:
 
 
 @contextlib.contextmanager
-def frozen_while_forking():
+def frozen_while_forking() -> Iterator[None]:
     """Every object frozen for the block, unless `freeze_objects` froze them already: processes forked in it
     (DataLoader workers) never walk, and so never copy, the parent's objects in their own collections."""
     if objects_frozen:
