@@ -20,6 +20,7 @@ from data_loader.datasets import MNIST_FILES, InMemoryImages
 from runs.run import Run
 from trainer.trainer import Trainer
 from utils import checkpoint
+from utils.device import select_device
 from utils.errors import UserError
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -159,6 +160,18 @@ def test_compile_with_inductor(tmp_path):
     compiled.train()
     eager.train()
     torch.testing.assert_close(weights(compiled), weights(eager), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cuda", "auto"])
+def test_cuda_without_an_index_is_the_current_device(monkeypatch, name):
+    """torch.cuda.set_device refuses a device without an index (torch 2.11 on a GPU machine: every `device: cuda`
+    run failed), so 'cuda' and 'auto' become the current CUDA device; CUDA is faked so this runs anywhere."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert select_device(name) == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
 
 
 @needs_cuda

@@ -30,6 +30,8 @@ def select_device(name: str, where: str = "device") -> torch.device:
                 raise UserError(f"{where}: '{name}': under torchrun each process uses cuda:<LOCAL_RANK>; "
                                 "use cuda or auto (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        elif device.index is None:  # set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
         if (device.index or 0) >= torch.cuda.device_count():
             raise UserError(f"{where}: '{name}', but only {torch.cuda.device_count()} CUDA device(s) here")
         torch.cuda.set_device(device)
