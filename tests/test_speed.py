@@ -126,9 +126,10 @@ def test_a_run_writes_its_scalars_and_hparams_without_importing_tensorboard_or_p
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_training_step_that_does_not_log_makes_no_host_device_sync(tmp_path, tiny_mnist):
+@pytest.mark.parametrize("options", [{}, {"trainer.amp": "bf16", "trainer.channels_last": True}])
+def test_a_training_step_that_does_not_log_makes_no_host_device_sync(tmp_path, tiny_mnist, options):
     config = make_config(tmp_path, tiny_mnist, {"device": "cuda", "trainer.type": "tests.nosync.NoSyncTrainer",
-                                                "trainer.epochs": 1, "trainer.log_step": 1000})
+                                                "trainer.epochs": 1, "trainer.log_step": 1000, **options})
     result = run("train.py", "-c", config)
     assert result.returncode == 0, result.stderr  # a sync in a checked step is an error, and the run fails
     assert "steps checked for syncs: 26" in result.stdout  # 28 steps, less the first and the last
