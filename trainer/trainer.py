@@ -32,10 +32,10 @@ def to_device(batch, device: torch.device, memory_format=torch.preserve_format):
         if batch.dim() == 4 and memory_format is not torch.preserve_format:
             return batch.to(device, non_blocking=True, memory_format=memory_format)
         return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):  # before Mapping: an abstract class's isinstance costs more per step
+        return type(batch)([to_device(value, device, memory_format) for value in batch])
     if isinstance(batch, Mapping):
         return {key: to_device(value, device, memory_format) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(value, device, memory_format) for value in batch)
     return batch
 
 
@@ -141,8 +141,8 @@ class MetricTracker:
         values = [result[key].detach().float() for key in self.keys]
         self.losses.append(values[0])
         self.count += n
-        if not (measure and self.metric_fns):
-            self.sums[: len(values)].add_(torch.stack(values), alpha=n)
+        if not (measure and self.metric_fns):  # one value (the loss alone): no stack, one kernel less per step
+            self.sums[: len(values)].add_(values[0] if len(values) == 1 else torch.stack(values), alpha=n)
             return
         with torch.no_grad():
             values += [fn(result["output"], result["target"]).float() for fn in self.metric_fns.values()]
