@@ -11,7 +11,8 @@ One run of this script, on one device, trains the same model on the same data wi
 optimizer (Adam, lr 0.002) and number of steps two ways, each in a fresh process:
 
   (a) hand  : a minimal loop: images decoded once into a uint8 tensor on the device, batches taken by
-              index from a seeded permutation, normalised per batch; validation (loss, accuracy) each epoch.
+              index from a seeded permutation, normalised per batch; validation (loss, accuracy) each epoch;
+              cuDNN's autotuner on, as train.py sets it.
   (b) train : `python train.py -c configs/mnist.json` as shipped (validation split 0.1, metrics, StepLR,
               logging, TensorBoard, checkpoints every epoch, progress bar when stderr is a terminal) with the
               data, batch size, epochs and save folder set by --set overrides.
@@ -115,6 +116,7 @@ def run_hand(data_dir: Path, args, optimizer_class=torch.optim.Adam) -> tuple[fl
     from model.model import MnistModel
 
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # as train.py sets it unless `deterministic` (utils/seed.py)
     raw = data_dir / "MNIST" / "raw"
     images = read_idx(raw / FILES[0]).unsqueeze(1).to(device)
     labels = read_idx(raw / FILES[1]).long().to(device)
