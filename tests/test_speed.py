@@ -47,6 +47,20 @@ def test_a_trackers_state_is_a_copy_that_later_batches_leave_alone():
     tracker.update(batch(1), 2)
     assert torch.equal(state["ranks"][0]["sums"], saved)
 
+@pytest.mark.quick
+def test_the_nan_check_reads_the_running_sum_and_names_the_first_bad_batch():
+    """A check reads only the loss's running sum when it is finite; when it is not, the batches since the last
+    check name the first bad one. A sum that overflowed from finite losses is not a NaN loss."""
+    tracker = MetricTracker({}, torch.device("cpu"))
+    huge = {"loss": torch.tensor(3e38)}
+    for result in (batch(2), huge, huge):
+        tracker.update(result, 2)
+    assert tracker.interval_result()["loss"] == float("inf") and tracker.first_nonfinite() is None
+    for loss in (1.0, float("nan"), float("inf")):
+        tracker.update({"loss": torch.tensor(loss)}, 2)
+    assert tracker.first_nonfinite() == 4  # the epoch's batches 0-2, then 3 (finite) and 4 (NaN)
+    assert tracker.first_nonfinite() is None  # nothing since
+
 
 def test_training_metrics_on_logging_steps_only_leave_the_weights_and_losses_as_on_every_step(tmp_path, tiny_mnist):
     runs = {}

@@ -6,6 +6,7 @@ import copy
 import inspect
 import itertools
 import logging
+import math
 import signal
 import time
 import warnings
@@ -86,8 +87,8 @@ class MetricTracker:
     metric of (output, target) of the batches measured (`update(..., measure=True)`; training measures only the
     batches of logging steps unless trainer.train_metrics is "every_step"); and the losses of the batches since
     the last NaN/Inf check. The names are fixed by the first batch, which is checked (and takes a mid-epoch
-    checkpoint's sums by name). `result()` is the only host sync; under DDP it sums over ranks, so every rank
-    sees the global average."""
+    checkpoint's sums by name). Only `result`, `interval_result` and `first_nonfinite` read the sums on the host
+    (a sync each); under DDP `result` sums over ranks, so every rank sees the global average."""
 
     def __init__(self, metric_fns: dict[str, Callable], device: torch.device, step: str = "step"):
         self.metric_fns, self.device, self.step = metric_fns, device, step
@@ -105,7 +106,7 @@ class MetricTracker:
     def mark(self, batch: int) -> None:
         """Start the interval buffers here: the next update is batch number `batch` of the epoch."""
         self.losses, self.losses_from = [], batch
-        self.logged = (self.sums.clone(), self.count, self.measured)
+        self.logged = (self.sums.tolist(), self.count, self.measured)
 
     def start(self, result) -> None:
         """Fix the names from a step's first result, checking that it is a mapping of scalar tensors."""
@@ -132,7 +133,7 @@ class MetricTracker:
                                 f"{', '.join(missing)}: resume from an epoch-end checkpoint or keep the metrics")
             self.sums = self.sums[[self.names.index(name) for name in names]]
         self.names = names
-        self.logged = (self.sums.clone(), self.count, self.measured)
+        self.logged = (self.sums.tolist(), self.count, self.measured)
 
     def update(self, result: Mapping, n: int, measure: bool = True) -> None:
         """Add a batch of `n` samples: its step values, and its metrics if `measure`."""
@@ -149,32 +150,35 @@ class MetricTracker:
         self.sums.add_(torch.stack(values), alpha=n)
         self.measured += n
 
-    def result(self, reduce: bool = True, since: tuple | None = None) -> dict[str, float]:
-        """Averages since the last reset (or since `since`, an earlier (sums, count, measured)), summed over ranks
-        if `reduce`: the step values over every batch, the metrics over the measured ones."""
-        sums, count, measured = self.sums, self.count, self.measured
-        if since is not None:
-            sums, count, measured = sums - since[0], count - since[1], measured - since[2]
-        totals = torch.cat([sums, torch.tensor([float(count), float(measured)], device=self.device)])
-        if reduce:
-            totals = dist.all_reduce_sum(totals.clone())
-        n_steps = max(len(self.names or ()) - len(self.metric_fns), 0)  # the names are [*keys, *metrics]
-        values = torch.cat([totals[:n_steps] / totals[-2].clamp(min=1), totals[n_steps:-2] / totals[-1].clamp(min=1)])
-        return dict(zip(self.names or (), values.tolist()))
+    def result(self) -> dict[str, float]:
+        """Averages since the last reset, summed over ranks: the step values over every batch, the metrics over
+        the measured ones."""
+        totals = torch.cat([self.sums, torch.tensor([float(self.count), float(self.measured)], device=self.device)])
+        *sums, count, measured = dist.all_reduce_sum(totals).tolist()
+        return self.averages(sums, count, measured)
 
     def interval_result(self) -> dict[str, float]:
         """This rank's averages since the previous call (the log interval)."""
-        since, self.logged = self.logged, (self.sums.clone(), self.count, self.measured)
-        return self.result(reduce=False, since=since)
+        now = (self.sums.tolist(), self.count, self.measured)
+        (sums, count, measured), self.logged = self.logged, now
+        return self.averages([total - before for total, before in zip(now[0], sums)], now[1] - count,
+                             now[2] - measured)
+
+    def averages(self, sums: list[float], count: float, measured: float) -> dict[str, float]:
+        n_steps = len(self.names or ()) - len(self.metric_fns)  # the names are [*keys, *metrics]
+        return {name: total / max(count if i < n_steps else measured, 1)
+                for i, (name, total) in enumerate(zip(self.names or (), sums))}
 
     def first_nonfinite(self) -> int | None:
-        """The epoch's batch number of the first NaN/Inf loss since the previous call, or None (a host sync)."""
-        if not self.losses:
+        """The epoch's batch number of the first NaN/Inf loss since the previous call, or None. One host sync: the
+        running sum of the loss stays finite until a loss is not (the run stops at the first check that sees it),
+        so the batches' own losses are read only then."""
+        losses, first = self.losses, self.losses_from
+        self.losses, self.losses_from = [], first + len(losses)
+        if not losses or math.isfinite(self.sums[0].item()):
             return None
-        bad = torch.nonzero(~torch.isfinite(torch.stack(self.losses))).flatten().tolist()
-        first = self.losses_from + bad[0] if bad else None
-        self.losses, self.losses_from = [], self.losses_from + len(self.losses)
-        return first
+        bad = torch.nonzero(~torch.isfinite(torch.stack(losses))).flatten().tolist()
+        return first + bad[0] if bad else None  # none: the sum overflowed, no loss is NaN/Inf
 
     def state_dict(self) -> dict:
         """Every rank's own sums, in rank order (under DDP every rank must call this, as for a checkpoint)."""
