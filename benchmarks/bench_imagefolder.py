@@ -11,7 +11,7 @@ the same small CNN on them two ways, each in a fresh process, alternating:
               (batch 64, shuffle, 2 workers), and the plain loop: forward, cross-entropy, backward, SGD step.
   (b) train : `train.py` with ImageFolderDataLoader and the same transforms from the config ("transforms":
               {"train": [...]}), 2 workers, batch 64, no validation, no metrics, TensorBoard off (the
-              latest.pth it writes every epoch is part of its cost).
+              checkpoint-epochN.pth and latest.pth it writes every epoch are part of its cost).
 
 Transforms (both): RandomResizedCrop(56, scale 0.35-1), RandomHorizontalFlip, ToImage, ToDtype(float32,
 scale), Normalize. Timed: whole epochs ((a) its epoch loop, (b) `Trainer.train()`), DataLoader worker start
