@@ -1,21 +1,21 @@
-"""Where the time of bench_mnist.py's two ways goes, one run of each in this process: for a GPU lease, where a
-few runs must say why (b) is slower, not only that it is.
+"""Where the time of bench_mnist.py's two ways goes, one way per run: for a GPU lease, where a few runs must say
+why (b) is slower, not only that it is.
 
-    python benchmarks/where_time_goes.py --device cuda          # full MNIST from ../shared/datasets/mnist
-    python benchmarks/where_time_goes.py --way train --data data/mnist_small
+    python benchmarks/where_time_goes.py --way hand --device cuda        # full MNIST from ../shared/datasets/mnist
+    python benchmarks/where_time_goes.py --way train --device cuda
+    python benchmarks/where_time_goes.py --way train --kernels --data data/mnist_small
 
-For (a) the hand-written loop and (b) train.py (bench_mnist.py's, 2 epochs, batch 128, --amp/--channels-last as
-there) it prints the timed span's wall time and each thread's CPU seconds (the main thread, autograd's device
-thread, OpenMP's pool); for (b) also the time inside the trainer's parts (nested: train_batch holds train_step and
-the optimizer step), per call. With --kernels, one more epoch of each way under torch.profiler: the kernels
-launched (CUDA) or aten operators dispatched (CPU), by name, and the GPU's busy time.
+(a) the hand-written loop or (b) train.py, as bench_mnist.py runs them (2 epochs, batch 128, --amp and
+--channels-last as there). Printed after the run: the timed span's wall time and each thread's CPU seconds (the
+main thread, autograd's device thread, OpenMP's pool); for (b) also the time inside the trainer's parts, per call
+(nested: train_batch holds train_step and the optimizer step). With --kernels instead, one epoch under
+torch.profiler: the kernels launched (CUDA) or aten operators dispatched (CPU), by name, and the GPU's busy time.
 """
 
 import argparse
 import collections
 import functools
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import bench_mnist  # noqa: E402
 
 PARTS = collections.Counter()  # wall seconds inside the trainer's parts, and "<part> calls", once time_parts ran
+REPORT: list[str] = []  # printed after the run, below its own output
 
 
 def thread_seconds() -> dict[str, tuple[str, float]]:
@@ -110,7 +111,7 @@ def run(way: str, data_dir: Path, args) -> None:
                         *bench_mnist.trainer_overrides(data_dir, Path(save_dir), args.epochs, args)])
 
 
-def threads_and_parts(way: str, data_dir: Path, args, out) -> None:
+def threads_and_parts(way: str, data_dir: Path, args) -> None:
     state = {}
 
     def enter():
@@ -119,10 +120,9 @@ def threads_and_parts(way: str, data_dir: Path, args, out) -> None:
     def leave():
         wall, after = time.perf_counter() - state["started"], thread_seconds()
         busy = {tid: (name, cpu - state["threads"].get(tid, (name, 0.0))[1]) for tid, (name, cpu) in after.items()}
-        print(f"\n{bench_mnist.LABELS[way]}: {wall:.3f} s wall; CPU seconds by thread (those over 5 ms):", file=out)
-        for name, cpu in sorted(busy.values(), key=lambda item: -item[1]):
-            if cpu > 0.005:
-                print(f"  {name:18s} {cpu:.3f}", file=out)
+        REPORT.append(f"{bench_mnist.LABELS[way]}: {wall:.3f} s wall; CPU seconds by thread (those over 5 ms):")
+        by_cpu = sorted(busy.values(), key=lambda item: -item[1])
+        REPORT.extend(f"  {name:18s} {cpu:.3f}" for name, cpu in by_cpu if cpu > 0.005)
 
     around_timed_span(way, enter, leave)
     if way == "train":
@@ -131,10 +131,10 @@ def threads_and_parts(way: str, data_dir: Path, args, out) -> None:
     for label, seconds in PARTS.most_common():
         if not label.endswith(" calls"):
             calls = PARTS[label + " calls"]
-            print(f"  {label:14s} {seconds:7.3f} s  {calls:6d} calls  {1e6 * seconds / calls:8.1f} µs/call", file=out)
+            REPORT.append(f"  {label:14s} {seconds:7.3f} s  {calls:6d} calls  {1e6 * seconds / calls:8.1f} µs/call")
 
 
-def kernels(way: str, data_dir: Path, args, out) -> None:
+def kernels(way: str, data_dir: Path, args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = args.device.startswith("cuda")
@@ -147,44 +147,27 @@ def kernels(way: str, data_dir: Path, args, out) -> None:
         busy = f", GPU busy {sum(e.self_device_time_total for e in chosen) / 1e6:.3f} s"
     else:
         chosen, busy = [e for e in events if e.key.startswith("aten::")], ""
-    print(f"\n{bench_mnist.LABELS[way]}, one epoch under torch.profiler: {sum(e.count for e in chosen)} "
-          f"{'kernels' if cuda else 'aten operators'}{busy}; the most frequent:", file=out)
-    for event in sorted(chosen, key=lambda e: -e.count)[:25]:
-        print(f"  {event.count:7d}  {event.key[:100]}", file=out)
+    REPORT.append(f"{bench_mnist.LABELS[way]}, one epoch under torch.profiler: {sum(e.count for e in chosen)} "
+                  f"{'kernels' if cuda else 'aten operators'}{busy}; the most frequent:")
+    REPORT.extend(f"  {event.count:7d}  {event.key[:100]}" for event in sorted(chosen, key=lambda e: -e.count)[:25])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--way", choices=["hand", "train"], required=True, help="(a) hand or (b) train")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "mnist"),
                         help="folder with the MNIST files (default: ../shared/datasets/mnist next to the repo)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--way", choices=["hand", "train"], help="one way only (default: both)")
-    parser.add_argument("--kernels", action="store_true", help="also one epoch of each way under torch.profiler")
+    parser.add_argument("--kernels", action="store_true", help="one epoch under torch.profiler instead")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # WAY:WHAT, the file to append the figures to
     args = parser.parse_args()
     args.epochs, args.batch_size, args.compile = 2, bench_mnist.BATCH_SIZE, False
-    if args.worker:  # one way, one measurement, in a fresh process
-        (way, what), report = args.worker[0].split(":"), args.worker[1]
-        with open(report, "a") as out:
-            (threads_and_parts if what == "threads" else kernels)(way, Path(args.data), args, out)
-        return
     source = bench_mnist.find_mnist(Path(args.data)) or bench_mnist.find_mnist(ROOT / "data" / "mnist_small")
-    options = ["--device", args.device, "--amp", args.amp] + ["--channels-last"] * args.channels_last
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir, report = Path(tmp) / "data", Path(tmp) / "report.txt"
-        bench_mnist.prepare_data(source, data_dir)
-        for what in ["threads"] + ["kernels"] * args.kernels:
-            for way in [args.way] if args.way else ["hand", "train"]:
-                command = [sys.executable, __file__, *options, "--data", str(data_dir), "--worker", f"{way}:{what}",
-                           str(report)]
-                result = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        text=True, env={**os.environ, "CI": "true"})
-                if result.returncode != 0:
-                    sys.exit(f"error: {' '.join(command)} failed:\n{result.stderr.strip()[-2000:]}")
-                print(report.read_text(), end="", flush=True)
-                report.unlink()
+        bench_mnist.prepare_data(source, Path(tmp))
+        (kernels if args.kernels else threads_and_parts)(args.way, Path(tmp), args)
+    print("\n" + "\n".join(REPORT))
 
 
 if __name__ == "__main__":
