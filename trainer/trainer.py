@@ -32,7 +32,7 @@ def to_device(batch, device: torch.device, memory_format=torch.preserve_format):
     if isinstance(batch, torch.Tensor):
         if batch.dim() == 4 and memory_format is not torch.preserve_format:
             return batch.to(device, non_blocking=True, memory_format=memory_format)
-        return batch.to(device, non_blocking=True)
+        return batch if batch.device == device else batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)):  # before Mapping: an abstract class's isinstance costs more per step
         return type(batch)([to_device(value, device, memory_format) for value in batch])
     if isinstance(batch, Mapping):
@@ -458,6 +458,8 @@ class Trainer(BaseTrainer):
     def _grad_sync(self, stepping: bool):
         """Under DDP, all-reduce gradients only in the micro-batch that steps (no_sync while accumulating); under
         FSDP, reduce-scatter them only then."""
+        if not dist.is_distributed():
+            return contextlib.nullcontext()
         fsdp.set_gradient_sync(self.models.values(), stepping)
         stack = contextlib.ExitStack()
         for model in self.forward_models.values() if not stepping else ():
