@@ -47,6 +47,7 @@ def test_a_trackers_state_is_a_copy_that_later_batches_leave_alone():
     tracker.update(batch(1), 2)
     assert torch.equal(state["ranks"][0]["sums"], saved)
 
+
 @pytest.mark.quick
 def test_the_nan_check_reads_the_running_sum_and_names_the_first_bad_batch():
     """A check reads only the loss's running sum when it is finite; when it is not, the batches since the last
