@@ -159,10 +159,10 @@ class MetricTracker:
 
     def interval_result(self) -> dict[str, float]:
         """This rank's averages since the previous call (the log interval)."""
-        now = (self.sums.tolist(), self.count, self.measured)
-        (sums, count, measured), self.logged = self.logged, now
-        return self.averages([total - before for total, before in zip(now[0], sums)], now[1] - count,
-                             now[2] - measured)
+        sums, count, measured = self.sums.tolist(), self.count, self.measured
+        (sums_before, count_before, measured_before), self.logged = self.logged, (sums, count, measured)
+        return self.averages([total - before for total, before in zip(sums, sums_before)], count - count_before,
+                             measured - measured_before)
 
     def averages(self, sums: list[float], count: float, measured: float) -> dict[str, float]:
         n_steps = len(self.names or ()) - len(self.metric_fns)  # the names are [*keys, *metrics]
