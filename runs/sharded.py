@@ -8,6 +8,7 @@ code. `python -m runs.sharded FOLDER OUT.pth` turns one into an ordinary checkpo
 
 The tensors are keyed by parameter name (`<model|optimizer>/<name>/<parameter>[/<state>]`), so a checkpoint does not
 depend on how the model was wrapped or sharded; state.pth holds everything else, plain data under the usual rules.
+DCP is imported where a folder is written or read: importing it takes a large part of every start-up's time.
 """
 
 import contextlib
@@ -19,17 +20,16 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
 
 from utils import checkpoint, dist, fsdp
 from utils.cli import ArgumentParser, run_main
 from utils.errors import TrainingError, UserError, one_line
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
 
 SUFFIX, METADATA, STATE = ".dcp", ".metadata", "state.pth"
 LATEST, BEST = f"latest{SUFFIX}", f"model_best{SUFFIX}"
@@ -53,9 +53,11 @@ class MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it holds a Python object ({module}.{name}), refused for safety")
 
 
-def read_metadata(folder: Path) -> Metadata:
+def read_metadata(folder: Path) -> "Metadata":
     """A DCP folder's metadata, read without running code and checked: tensors only (DCP loads other values with a
     plain torch.load), each stored in a file of the folder itself. Anything else is one UserError."""
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+
     path = folder / METADATA
     try:
         with open(path, "rb") as f:
@@ -76,23 +78,26 @@ def read_metadata(folder: Path) -> Metadata:
 
 def stored_here(entry) -> bool:
     """A storage entry as this project writes them: a stretch of a file of the folder itself, not transformed."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
     return (isinstance(entry, _StorageInfo) and isinstance(entry.relative_path, str)
             and re.fullmatch(r"[\w.-]+", entry.relative_path) is not None and entry.relative_path not in (".", "..")
             and all(type(n) is int and n >= 0 for n in (entry.offset, entry.length))
             and not entry.transform_descriptors)
 
 
-class SafeReader(FileSystemReader):
+def safe_reader(folder: Path, metadata: "Metadata"):
     """DCP's file reader with metadata already read by `read_metadata` (the original unpickles it with pickle.load)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
 
-    def __init__(self, folder: Path, metadata: Metadata):
-        super().__init__(folder)
-        self.metadata = metadata
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs) -> "Metadata":
+            metadata.storage_meta = metadata.storage_meta or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
 
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        self.metadata.storage_meta = self.metadata.storage_meta or StorageMeta()
-        self.metadata.storage_meta.load_id = self.load_id
-        return self.metadata
+    return SafeReader(folder)
 
 
 @contextlib.contextmanager
@@ -159,6 +164,9 @@ def save(run_dir: Path, names: list[str], state: dict, models: dict, optimizers:
     """On every rank: the run state (`state`, but the models and optimizers from themselves) as the DCP folders
     `names` of `run_dir`, the last one last. Written once into a temporary folder (each rank its shards, rank 0 the
     metadata and state.pth), then renamed into place: a kill at any moment leaves each folder old or new."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
     tensors, plain = split(fsdp.state_by_name(models, optimizers))
     rest = {**state, **plain}  # model and optimizer: what is not a tensor (parameter names, hyper-parameters)
     tmp = run_dir / f".{names[-1]}{checkpoint.TMP_MARK}write"
@@ -166,7 +174,7 @@ def save(run_dir: Path, names: list[str], state: dict, models: dict, optimizers:
     dist.on_main(lambda: shutil.rmtree(tmp, ignore_errors=True), device, failed)  # what a killed save left
     try:
         with single_process_quiet():
-            dcp.save(tensors, storage_writer=FileSystemWriter(tmp), no_dist=not dist.is_distributed())
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not dist.is_distributed())
     except (CheckpointException, OSError) as e:
         raise TrainingError(f"cannot write checkpoint {tmp}: {one_line(e)[:200]}") from None
 
@@ -224,10 +232,13 @@ def load_state(folder: Path) -> dict:
 
 def read_tensors(folder: Path, tensors: dict, together: bool) -> None:
     """Fill `tensors` (by path; sharded or whole) in place from the folder; `together`: every rank calls this."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
     metadata = read_metadata(folder)
     try:
         with single_process_quiet():
-            dcp.load(tensors, storage_reader=SafeReader(folder, metadata),
+            dcp.load(tensors, storage_reader=safe_reader(folder, metadata),
                      no_dist=not (together and dist.is_distributed()))
     except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as e:
         missing = re.search(r"Missing key in checkpoint state_dict: (\S+)", str(e))

@@ -1,22 +1,16 @@
 """FSDP2 (trainer.strategy: fsdp): each model's blocks, then the model itself, sharded over torchrun's processes with
 `torch.distributed.fsdp.fully_shard`, so that parameters, gradients and optimizer state are split N ways
 (https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html); and the run state of models and
-optimizers by parameter name, sharded or whole, for checkpoints (`torch.distributed.checkpoint.state_dict`)."""
+optimizers by parameter name, sharded or whole, for checkpoints (`torch.distributed.checkpoint.state_dict`).
+
+Torch's FSDP and DTensor modules are imported by the functions that shard or gather state: importing them takes a
+large part of every start-up's time, and a run that never shards never needs them."""
 
 import contextlib
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from utils import dist
 
@@ -27,6 +21,9 @@ def shard(model: torch.nn.Module, device: torch.device, amp: str) -> torch.nn.Mo
     """`model`, sharded in place over torchrun's processes (rank 0's initial weights): its `fsdp_blocks()` (else
     its child modules) with parameters to train, then the whole model. With AMP the gathered parameters are in the
     AMP dtype and gradients are reduced in float32. A single process's model, and a frozen one, as they are."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     if not dist.is_distributed() or not any(p.requires_grad for p in model.parameters()):
         return model
     with torch.no_grad():  # every rank starts from rank 0's weights, as under DDP (ranks are seeded differently)
@@ -44,12 +41,15 @@ def shard(model: torch.nn.Module, device: torch.device, amp: str) -> torch.nn.Mo
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    """`shard` made it an FSDPModule (whose module, not imported yet, means none is)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of a sharded tensor (a DTensor); any other tensor as it is."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor.DTensor) else tensor
 
 
 def set_gradient_sync(models: Iterable[torch.nn.Module], sync: bool) -> None:
@@ -78,12 +78,16 @@ def gathered(models: Iterable[torch.nn.Module]) -> Iterator[None]:
 def state_by_name(models: dict, optimizers: dict) -> dict:
     """{"model": {name: state}, "optimizer": {name: state}}, keyed by parameter name (an optimizer's too), with the
     sharded tensors of a sharded model (whole ones otherwise). A fresh optimizer's state is initialised."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     return {"model": {name: get_model_state_dict(model) for name, model in models.items()},
             "optimizer": {name: get_optimizer_state_dict(models[name], opt) for name, opt in optimizers.items()}}
 
 
 def load_by_name(models: dict, optimizers: dict, state: dict, whole: bool) -> None:
     """The inverse of `state_by_name`; `whole`: the tensors are whole (every rank has them all), not shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     options = StateDictOptions(full_state_dict=whole, strict=True)
     for name, model in models.items():
         set_model_state_dict(model, state["model"][name], options=options)
