@@ -4,12 +4,15 @@ why (b) is slower, not only that it is.
     python benchmarks/where_time_goes.py --way hand --device cuda        # full MNIST from ../shared/datasets/mnist
     python benchmarks/where_time_goes.py --way train --device cuda
     python benchmarks/where_time_goes.py --way train --kernels --data data/mnist_small
+    OMP_NUM_THREADS=1 python benchmarks/where_time_goes.py --bench imagefolder --way train
 
 (a) the hand-written loop or (b) train.py, as bench_mnist.py runs them (2 epochs, batch 128, --amp and
---channels-last as there). Printed after the run: the timed span's wall time and each thread's CPU seconds (the
-main thread, autograd's device thread, OpenMP's pool); for (b) also the time inside the trainer's parts, per call
-(nested: train_batch holds train_step and the optimizer step). With --kernels instead, one epoch under
-torch.profiler: the kernels launched (CUDA) or aten operators dispatched (CPU), by name, and the GPU's busy time.
+--channels-last as there), or with --bench imagefolder as bench_imagefolder.py does (3,000 generated JPEGs, 2
+workers). Printed after the run: the timed span's wall time and each thread's CPU seconds (the main thread,
+autograd's device thread, OpenMP's pool; not the DataLoader workers, which are processes); the time spent waiting
+for a DataLoader's next batch; for (b) also the time inside the trainer's parts, per call (nested: train_batch
+holds train_step and the optimizer step). With --kernels instead, one epoch under torch.profiler: the kernels
+launched (CUDA) or aten operators dispatched (CPU), by name, and the GPU's busy time.
 """
 
 import argparse
@@ -28,10 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_mnist  # noqa: E402
+from benchmarks import bench_imagefolder, bench_mnist  # noqa: E402
 
-PARTS = collections.Counter()  # wall seconds inside the trainer's parts, and "<part> calls", once time_parts ran
+PARTS = collections.Counter()  # wall seconds inside the timed span's parts, and "<part> calls", once time_parts ran
 REPORT: list[str] = []  # printed after the run, below its own output
+BENCHES = {"mnist": bench_mnist, "imagefolder": bench_imagefolder}
 
 
 def thread_seconds() -> dict[str, tuple[str, float]]:
@@ -48,16 +52,22 @@ def thread_seconds() -> dict[str, tuple[str, float]]:
     return seconds
 
 
-def time_parts() -> None:
-    from data_loader.datasets import InMemoryImages
-    from trainer import optim_step, trainer
+def time_parts(way: str) -> None:
+    """Time the DataLoader's next batch (both ways) and, for (b), the trainer's parts."""
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-    for owner, name in [(trainer.Trainer, "train_batch"), (trainer.Trainer, "train_step"),
-                        (optim_step.OptimStep, "__call__"), (optim_step.OptimStep, "finish"),
-                        (trainer.MetricTracker, "update"), (trainer, "to_device"), (trainer, "samples_in"),
-                        (trainer.Trainer, "_grad_sync"), (trainer.Trainer, "_after_step"),
-                        (trainer.Trainer, "_log_progress"), (trainer.Trainer, "_valid_epoch"),
-                        (trainer.Trainer, "_save"), (InMemoryImages, "get_batch")]:
+    parts = [(_MultiProcessingDataLoaderIter, "__next__")]
+    if way == "train":
+        from data_loader.datasets import InMemoryImages
+        from trainer import optim_step, trainer
+
+        parts += [(trainer.Trainer, "train_batch"), (trainer.Trainer, "train_step"),
+                  (optim_step.OptimStep, "__call__"), (optim_step.OptimStep, "finish"),
+                  (trainer.MetricTracker, "update"), (trainer, "to_device"), (trainer, "samples_in"),
+                  (trainer.Trainer, "_grad_sync"), (trainer.Trainer, "_after_step"),
+                  (trainer.Trainer, "_log_progress"), (trainer.Trainer, "_valid_epoch"), (trainer.Trainer, "_save"),
+                  (trainer.Trainer, "_log_epoch"), (InMemoryImages, "get_batch")]
+    for owner, name in parts:
         wrapped = getattr(owner, name)
 
         @functools.wraps(wrapped)
@@ -72,8 +82,9 @@ def time_parts() -> None:
         setattr(owner, name, timed)
 
 
-def around_timed_span(way: str, enter, leave) -> None:
-    """Call enter() and leave() around (a)'s epoch loop (its two perf_counter calls) or (b)'s Trainer.train()."""
+def around_timed_span(way: str, enter, leave, bench: types.ModuleType) -> None:
+    """Call enter() and leave() around (a)'s epoch loop (its two perf_counter calls in `bench`) or (b)'s
+    Trainer.train()."""
     if way == "hand":
         clock, calls = time.perf_counter, []
 
@@ -82,7 +93,7 @@ def around_timed_span(way: str, enter, leave) -> None:
             (enter if len(calls) == 1 else leave)()
             return clock()
 
-        bench_mnist.time = types.SimpleNamespace(perf_counter=perf_counter)  # run_hand's clock only
+        bench.time = types.SimpleNamespace(perf_counter=perf_counter)  # run_hand's clock only
         return
     from trainer.trainer import Trainer
 
@@ -101,7 +112,9 @@ def around_timed_span(way: str, enter, leave) -> None:
 
 
 def run(way: str, data_dir: Path, args) -> None:
-    if way == "hand":
+    if args.bench == "imagefolder":
+        (bench_imagefolder.run_hand if way == "hand" else bench_imagefolder.run_trainer)(data_dir, args.epochs)
+    elif way == "hand":
         bench_mnist.run_hand(data_dir, args)
     else:
         with tempfile.TemporaryDirectory() as save_dir:
@@ -115,6 +128,7 @@ def threads_and_parts(way: str, data_dir: Path, args) -> None:
     state = {}
 
     def enter():
+        PARTS.clear()  # (b)'s first-batch check is before the span
         state["threads"], state["started"] = thread_seconds(), time.perf_counter()
 
     def leave():
@@ -124,9 +138,8 @@ def threads_and_parts(way: str, data_dir: Path, args) -> None:
         by_cpu = sorted(busy.values(), key=lambda item: -item[1])
         REPORT.extend(f"  {name:18s} {cpu:.3f}" for name, cpu in by_cpu if cpu > 0.005)
 
-    around_timed_span(way, enter, leave)
-    if way == "train":
-        time_parts()
+    around_timed_span(way, enter, leave, BENCHES[args.bench])
+    time_parts(way)
     run(way, data_dir, args)
     for label, seconds in PARTS.most_common():
         if not label.endswith(" calls"):
@@ -139,7 +152,7 @@ def kernels(way: str, data_dir: Path, args) -> None:
 
     cuda = args.device.startswith("cuda")
     profiler = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda)
-    around_timed_span(way, profiler.__enter__, lambda: profiler.__exit__(None, None, None))
+    around_timed_span(way, profiler.__enter__, lambda: profiler.__exit__(None, None, None), BENCHES[args.bench])
     run(way, data_dir, argparse.Namespace(**{**vars(args), "epochs": 1}))
     events = profiler.key_averages()
     if cuda:
@@ -155,6 +168,7 @@ def kernels(way: str, data_dir: Path, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--way", choices=["hand", "train"], required=True, help="(a) hand or (b) train")
+    parser.add_argument("--bench", choices=list(BENCHES), default="mnist", help="whose two ways (default: mnist)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "mnist"),
                         help="folder with the MNIST files (default: ../shared/datasets/mnist next to the repo)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -163,9 +177,12 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
     args.epochs, args.batch_size, args.compile = 2, bench_mnist.BATCH_SIZE, False
-    source = bench_mnist.find_mnist(Path(args.data)) or bench_mnist.find_mnist(ROOT / "data" / "mnist_small")
     with tempfile.TemporaryDirectory() as tmp:
-        bench_mnist.prepare_data(source, Path(tmp))
+        if args.bench == "imagefolder":
+            bench_imagefolder.make_images(Path(tmp), 3000)
+        else:
+            source = bench_mnist.find_mnist(Path(args.data)) or bench_mnist.find_mnist(ROOT / "data" / "mnist_small")
+            bench_mnist.prepare_data(source, Path(tmp))
         (kernels if args.kernels else threads_and_parts)(args.way, Path(tmp), args)
     print("\n" + "\n".join(REPORT))
 
