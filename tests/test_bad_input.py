@@ -246,6 +246,9 @@ COMMANDS = {
     "resume a truncated file": ("train.py", ["-r", "{work}/truncated.pth"],
                                 ["{work}/truncated.pth: not a loadable checkpoint: the file is empty, damaged or cut "
                                  "short"]),
+    "resume a flipped byte": ("train.py", ["-r", "{work}/flipped.pth"],
+                              ["{work}/flipped.pth: not a loadable checkpoint: ", "its record checkpoint/data/",
+                               "fails its CRC-32 check: the file is damaged"]),
     "resume pickled objects": ("train.py", ["-r", "{work}/pickled.pth"],
                                ["{work}/pickled.pth", "a Python object (argparse.Namespace), refused for safety"]),
     "resume other tensors": ("train.py", ["-r", "{work}/tensors.pth"],
@@ -394,6 +397,10 @@ def make_workspace(work: Path, data_dir: Path, run_ckpt: Path) -> Path:
     (work / "empty_run").mkdir()
     data = ckpt.read_bytes()
     (work / "truncated.pth").write_bytes(data[: len(data) // 2])
+    weights = max(torch.load(ckpt, weights_only=True)["model"].values(), key=torch.Tensor.numel).numpy().tobytes()
+    flipped = bytearray(data)
+    flipped[data.index(weights) + len(weights) // 2] ^= 1  # one bit of a weight: torch.load alone would not notice
+    (work / "flipped.pth").write_bytes(flipped)
     torch.save({"model": {}, "config": {}, "args": argparse.Namespace(lr=0.1)}, work / "pickled.pth")
     torch.save({"weights": torch.zeros(3)}, work / "tensors.pth")
     (work / "plain.pkl").write_bytes(pickle.dumps({"model": {}, "config": {}}))

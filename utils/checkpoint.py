@@ -91,7 +91,7 @@ def load(path: str | Path) -> dict:
     try:
         with warnings.catch_warnings():  # e.g. a plain pickle's protocol warning: the error below says it all
             warnings.simplefilter("ignore")
-            check_declared_sizes(path)
+            check_records(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever the damage, the answer is the same
         raise UserError(f"{path}: not a loadable checkpoint: {load_failure(e)}") from None
@@ -161,10 +161,12 @@ class DeclaredSizes(pickle.Unpickler):
         return Inert()
 
 
-def check_declared_sizes(path: Path) -> None:
+def check_records(path: Path) -> None:
     """Refuse, before torch.load allocates anything, a file whose tensors ask for more memory than it holds:
     torch allocates each storage at the size the pickle declares, and inflates a compressed record whatever
-    its size (a small file of compressed zeros takes gigabytes). torch.save stores its records uncompressed."""
+    its size (a small file of compressed zeros takes gigabytes). torch.save stores its records uncompressed.
+    Also refuse a record whose bytes fail the CRC-32 torch.save wrote for it: torch.load does not check them,
+    so a damaged byte in a tensor would load silently."""
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             if LEGACY_MAGIC in f.read(16):
@@ -180,6 +182,9 @@ def check_declared_sizes(path: Path) -> None:
                                  f"({info.compress_size:,} in the file), more than the file holds")
             if records.setdefault(info.filename, info) is not info:
                 raise ValueError(f"its record {info.filename} appears twice")
+        for info in records.values():
+            if info.CRC:  # 0: saved without checksums (torch.utils.serialization.config.save.compute_crc32)
+                check_crc(archive, info)
         pickles = [name for name in records if name.endswith("/data.pkl") and name.count("/") == 1]
         if len(pickles) != 1:
             return  # not torch's layout: torch.load says so
@@ -190,6 +195,16 @@ def check_declared_sizes(path: Path) -> None:
         held = records[f"{prefix}data/{key}"].file_size if f"{prefix}data/{key}" in records else 0
         if declared > held:
             raise ValueError(f"its tensor data/{key} declares {declared:,} bytes, and the file holds {held:,}")
+
+
+def check_crc(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """Read the record through: zipfile compares its CRC-32 at the end."""
+    try:
+        with archive.open(info) as record:
+            while record.read(1 << 24):
+                pass
+    except zipfile.BadZipFile:
+        raise ValueError(f"its record {info.filename} fails its CRC-32 check: the file is damaged") from None
 
 
 def load_failure(error: Exception) -> str:
