@@ -21,11 +21,11 @@ def shard(model: torch.nn.Module, device: torch.device, amp: str) -> torch.nn.Mo
     """`model`, sharded in place over torchrun's processes (rank 0's initial weights): its `fsdp_blocks()` (else
     its child modules) with parameters to train, then the whole model. With AMP the gathered parameters are in the
     AMP dtype and gradients are reduced in float32. A single process's model, and a frozen one, as they are."""
+    if not dist.is_distributed() or not any(p.requires_grad for p in model.parameters()):
+        return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if not dist.is_distributed() or not any(p.requires_grad for p in model.parameters()):
-        return model
     with torch.no_grad():  # every rank starts from rank 0's weights, as under DDP (ranks are seeded differently)
         for tensor in [*model.parameters(), *model.buffers()]:
             torch.distributed.broadcast(tensor, src=0)
