@@ -176,6 +176,8 @@ def main() -> None:
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
+    if args.bench == "imagefolder" and (args.device != "cpu" or args.amp != "off" or args.channels_last):
+        parser.error("--bench imagefolder runs bench_imagefolder.py's ways as they are: on the CPU, in float32")
     args.epochs, args.batch_size, args.compile = 2, bench_mnist.BATCH_SIZE, False
     with tempfile.TemporaryDirectory() as tmp:
         if args.bench == "imagefolder":
