@@ -28,6 +28,16 @@ BASE_CONFIG = {
 }
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked slow run only with RUN_SLOW=1 (before an issue is called resolved), so CI stays short."""
+    if os.environ.get("RUN_SLOW"):
+        return
+    skip = pytest.mark.skip(reason="slow: set RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory) -> Path:
     """1,024 training and 256 test images of real MNIST (from the bundled subset), as a data_dir."""

@@ -389,6 +389,7 @@ print(f"exited={exited} mid_write={len(temporaries)} damaged={damaged}")
 """
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_damaged_checkpoint(tmp_path, tiny_mnist):
     config = make_config(tmp_path, tiny_mnist, {"data_loader.args.batch_size": 16, "trainer.epochs": 1000,
                                                 "trainer.save_step": 1, "trainer.keep_last": 2,

@@ -65,6 +65,7 @@ def folders(tmp_path):
 
 
 # ---- torchvision datasets by name ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fakedata_with_random_transforms_in_workers_resumes_exactly(folders):
     """Two persistent workers and random crops and flips: a stop after epoch 1 and a resume give the very
     weights of an uninterrupted run (each sample's draws are seeded by seed, epoch and index); test.py runs."""
@@ -224,6 +225,7 @@ def test_mnist_with_on_device_augmentation_resumes_exactly(folders, tiny_mnist):
     assert_same(reference, resumed)
 
 
+@pytest.mark.slow
 def test_two_processes_with_random_transforms_match_one_with_twice_the_batch(folders):
     """Under torchrun each sample gets the crop and flip it would get in one process (seeded by sample, not by
     rank or worker): 2 processes x 16 train like 1 x 32."""

@@ -137,6 +137,7 @@ def test_only_rank_zero_writes(reference):
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
+@pytest.mark.slow
 def test_test_py_in_two_processes_counts_every_test_sample_once(reference):
     """256 test images with --bs 48 (and drop_last in the training config): one process, two processes
     and a direct evaluation of the model must agree."""
@@ -181,6 +182,7 @@ def test_sigterm_then_resume_in_two_processes_then_in_one(tmp_path, tiny_mnist, 
     assert_same_results(epoch_results(run_dir), epoch_results(reference["ddp"]))
 
 
+@pytest.mark.slow
 def test_stopped_mid_epoch_and_resumed_in_two_processes_logs_what_the_run_never_stopped_logs(tmp_path, tiny_mnist,
                                                                                              reference):
     """Each rank's running sums are saved and taken back by that rank: the epoch's values are added up in the

@@ -43,7 +43,7 @@ def config_for(tmp_path, tiny_mnist, example: str, epochs: int, name: str = "con
     return make_config(tmp_path, tiny_mnist, overrides, name)
 
 
-@pytest.fixture(scope="module", params=["gan", "vae", "plugin"])
+@pytest.fixture(scope="module", params=["gan", pytest.param("vae", marks=pytest.mark.slow), "plugin"])
 def example(request, tmp_path_factory, tiny_mnist):
     """(name, uninterrupted 2-epoch run, the same run stopped after epoch 1 and resumed, their outputs)."""
     name, tmp_path = request.param, tmp_path_factory.mktemp(request.param)

@@ -247,6 +247,7 @@ def test_a_resume_on_other_data_stops_unless_told(tmp_path, tiny_mnist, finished
     assert len(warning) == 1 and "(labels changed, items changed): the resume is not exact" in warning[0], told.stdout
 
 
+@pytest.mark.slow
 def test_a_resume_on_a_custom_dataset_that_changed_stops_before_writing(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -184,6 +184,7 @@ def test_recover_puts_back_a_folder_left_aside(tmp_path):
     assert (tmp_path / "latest.dcp").is_dir() and not aside.exists()
 
 
+@pytest.mark.slow
 def test_a_kill_in_the_middle_of_a_sharded_save_leaves_a_resumable_run(runs, tmp_path, tiny_mnist):
     """Rank 0 dies by SIGKILL between the two renames of epoch 2's latest.dcp (the old folder aside, the new one
     not in place). The same command resumes from epoch 1 and ends where the uninterrupted run ends."""
@@ -200,6 +201,7 @@ def test_a_kill_in_the_middle_of_a_sharded_save_leaves_a_resumable_run(runs, tmp
     assert_equal_states(whole(run_dir / "latest.dcp"), whole(runs["straight"] / "latest.dcp"))
 
 
+@pytest.mark.slow
 def test_clipping_and_accumulation_train_as_with_ddp(tmp_path, tiny_mnist):
     """Two processes, batches of 8 accumulated twice, gradients clipped to 0.05 (every step clips): FSDP's
     weights are DDP's (tests.models.Deterministic: no dropout)."""
@@ -231,7 +233,7 @@ def test_fsdp_with_nccl_and_bf16_on_cuda_then_resumed_in_one_process(tmp_path, t
     assert whole(run_dir / "latest.dcp")["epoch"] == 2
 
 
-@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="four processes on top of two: about 45 s; set RUN_SLOW=1")
+@pytest.mark.slow
 def test_an_ordinary_checkpoint_resumes_sharded_on_two_then_on_four_processes(tmp_path, tiny_mnist):
     """One process (ddp, .pth) for epoch 1, then fsdp on 2 processes for epoch 2 and on 4 for epoch 3, with the same
     global batch of 32: the weights of one process trained straight (tests.models.Deterministic: no dropout)."""

@@ -210,6 +210,7 @@ def test_k_fold_prints_mean_and_sd_and_a_rerun_skips_finished_folds(tmp_path, ti
     assert run_dirs(tmp_path / "saved") == [parent]  # the same parent each time
 
 
+@pytest.mark.slow
 def test_test_py_and_predict_py_on_a_fold_checkpoint_use_every_test_sample(tmp_path, tiny_mnist):
     config = make_config(tmp_path, tiny_mnist, {"trainer.epochs": 1, "data_loader.args.validation_split": 0.0,
                                                 "data_loader.args.folds": 4, "data_loader.args.fold": 1})
@@ -232,6 +233,7 @@ def test_run_dir_must_be_an_existing_directory_without_checkpoints(tmp_path, tin
     assert not (tmp_path / "missing").exists() and not (tmp_path / "saved").exists()
 
 
+@pytest.mark.slow
 def test_a_fold_stopped_after_epoch_1_resumes_to_the_uninterrupted_folds_weights(tmp_path, tiny_mnist):
     """The fold is run state (in the checkpoint's config): a resumed fold trains on the same split, exactly."""
     fold = {"trainer.tensorboard": False, "data_loader.args.validation_split": 0.0, "data_loader.args.folds": 3,

@@ -125,6 +125,7 @@ def test_image_files_are_read_as_training_read_them(mnist_checkpoint, tiny_mnist
                                atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_image_folder_predictions_name_the_classes(image_checkpoint, tmp_path):
     root, image_checkpoint = image_checkpoint
     assert torch.load(image_checkpoint, weights_only=True)["classes"] == ["dark", "light"]
@@ -177,6 +178,7 @@ def test_exported_file_reproduces_the_model(mnist_checkpoint, tiny_mnist, tmp_pa
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_ddp_checkpoint_exports_like_a_single_process_one(mnist_checkpoint, tiny_mnist, tmp_path):
     """Checkpoints hold the unwrapped model: no 'module.' prefix, the same exported program."""
     config = make_config(tmp_path, tiny_mnist, {"trainer.tensorboard": False, "trainer.epochs": 1})

@@ -153,6 +153,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
 def test_the_workers_of_a_killed_torchrun_agent_end_and_the_same_command_finishes_the_run(tmp_path, tiny_mnist):
     """kill -9 on torchrun alone, once in start-up (the run directory exists, training has not begun) and once in

@@ -70,6 +70,7 @@ def test_a_study_of_ordinary_runs_and_the_same_command_again_trains_nothing(tmp_
     assert report.returncode == 0 and "sweep: best trial" in report.stdout and "Run directory" not in report.stdout
 
 
+@pytest.mark.slow
 def test_a_killed_trial_resumes_in_its_own_folder_to_the_weights_of_its_config_trained_straight(tmp_path, tiny_mnist):
     """The sweep process dies by SIGKILL in trial 0's 20th training forward pass (28 steps of 32 samples; its
     checkpoint: step 16); the same command resumes trial 0 there, then runs trial 1."""

@@ -65,6 +65,7 @@ def assert_tracked(uri: str, run_dir: Path, epochs: int) -> None:
     assert {artifact.path for artifact in client.list_artifacts(run_id)} == {"config.json", "metrics.csv"}
 
 
+@pytest.mark.slow
 @needs_mlflow
 def test_kills_around_saves_leave_one_tracked_run_with_each_epoch_once(tmp_path, tiny_mnist):
     """Killed right after epoch 1's checkpoint (before epoch 1 was tracked), then resumed to 3 epochs and killed
@@ -178,6 +179,7 @@ def test_k_fold_folds_are_children_of_one_tracked_run(tmp_path, tiny_mnist):
     assert parent.data.metrics["val_accuracy_mean"] == folds["summary"]["val_accuracy"]["mean"]
 
 
+@pytest.mark.slow
 @needs_mlflow
 @pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="Optuna is not installed")
 def test_sweep_trials_are_children_of_one_tracked_run_of_the_study(tmp_path, tiny_mnist):

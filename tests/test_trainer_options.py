@@ -153,7 +153,7 @@ def test_compile_trains_like_eager(tmp_path, monkeypatch):
     assert compiled.state_dict()["model"].keys() == eager.state_dict()["model"].keys()  # no _orig_mod. prefix
 
 
-@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="inductor builds C++ for about a minute; set RUN_SLOW=1")
+@pytest.mark.slow
 def test_compile_with_inductor(tmp_path):
     compiled = make_trainer(tmp_path, {"compile": True})
     eager = make_trainer(tmp_path, {})
@@ -302,6 +302,7 @@ def python(code: str, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_keep_freed_memory_stops_page_faults_between_steps():
     """With glibc's defaults a MnistModel step usually faults its activations back in (5,000-50,000 faults
