@@ -228,6 +228,7 @@ def test_tensorboard_images_histograms_and_hparams_only_when_asked(tmp_path, tin
 
 
 # ---- seed and deterministic --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_deterministic_runs_with_one_seed_give_the_same_weights(tmp_path, tiny_mnist):
     weights = {}
     for label, seed in (("a", 3), ("b", 3), ("c", 4)):

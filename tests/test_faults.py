@@ -81,6 +81,7 @@ def test_auto_with_no_checkpoint_starts_the_run_and_a_finished_run_has_nothing_t
     assert files(run_dir) == before and run_dirs(tmp_path / "saved") == [run_dir]
 
 
+@pytest.mark.slow
 def test_auto_picks_the_run_started_last_not_the_folder_touched_last(tmp_path, tiny_mnist):
     config = make_config(tmp_path, tiny_mnist, {**QUICK, "trainer.epochs": 1})
     for _ in range(2):

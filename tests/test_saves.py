@@ -116,6 +116,7 @@ def test_a_resume_from_an_older_checkpoint_keeps_the_runs_best_and_top_k(tmp_pat
     assert worse["epoch"] == 3 and worse["monitor_best"] > run_best
 
 
+@pytest.mark.slow
 def test_a_run_left_with_model_best_alone_resumes_from_it_or_says_it_is_finished(tmp_path, tiny_mnist, three_epochs):
     run_dir = copy_run(three_epochs, tmp_path)
     config = make_config(tmp_path, tiny_mnist, KEPT)

@@ -86,6 +86,7 @@ def test_test_py_evaluates_the_test_split_and_writes_json(trained):
     assert f"{written['accuracy']:.6g}" in result.stdout
 
 
+@pytest.mark.slow
 def test_config_json_repeats_a_finetuned_run_and_records_its_source(tmp_path, tiny_mnist, trained):
     source = tmp_path / "source.pth"
     shutil.copy(trained[0] / "model_best.pth", source)
