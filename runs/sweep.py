@@ -230,10 +230,35 @@ class Sweep:
         kept with the study, so every process and every re-run of the sweep adds its trials to the same parent."""
         check_installed(self.config["tracking"])
         tracking = Tracking(self.config.config)
-        parent_id = tracking.start(self.folder, self.study.user_attrs.get("tracking_run_id"))
-        if parent_id and parent_id != self.study.user_attrs.get("tracking_run_id"):
-            self.study.set_user_attr("tracking_run_id", parent_id)
+        known = self.study.user_attrs.get("tracking_run_id")
+        with contextlib.nullcontext() if known else self.study_lock():  # processes starting together: one makes it
+            known = known or self.study.user_attrs.get("tracking_run_id")
+            parent_id = tracking.start(self.folder, known)
+            if parent_id and parent_id != known:
+                self.study.set_user_attr("tracking_run_id", parent_id)
         return tracking
+
+    @contextlib.contextmanager
+    def study_lock(self, timeout: float = 30.0) -> Iterator[None]:
+        """One process of the study at a time, in its database: the holder is the process that made the empty
+        study '<name>:lock' (study names are unique there), and deletes it when done. A process that waited
+        `timeout` takes the lock over (its holder died holding it)."""
+        name, deadline = f"{self.name}:lock", time.monotonic() + timeout
+        while True:
+            try:
+                self.optuna.create_study(storage=self.storage, study_name=name)
+                break
+            except self.optuna.exceptions.DuplicatedStudyError:
+                if time.monotonic() > deadline:
+                    print(f"sweep: took over the lock '{name}' in {shown(self.url)}, held for {timeout:.0f} s (by a "
+                          "process that died?)", flush=True)
+                    break
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(KeyError):  # a holder that was only slow, after the takeover
+                self.optuna.delete_study(study_name=name, storage=self.storage)
 
     @contextlib.contextmanager
     def database(self) -> Iterator[None]:

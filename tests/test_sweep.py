@@ -131,6 +131,21 @@ def test_a_trial_worse_than_the_median_is_pruned_but_never_after_its_last_epoch(
     assert sweep.study.trials[5].state.name == "PRUNED" and trial.run_dir.is_dir()
 
 
+def test_the_study_lock_is_given_back_and_one_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
+    import optuna
+
+    config = make_config(tmp_path, tmp_path, FAST)
+    sweep = Sweep(Request(str(config)), None, "median")
+    names = lambda: set(optuna.get_all_study_names(sweep.storage))  # noqa: E731
+    with sweep.study_lock():
+        assert names() == {"tiny", "tiny:lock"}
+    assert names() == {"tiny"}
+    optuna.create_study(storage=sweep.storage, study_name="tiny:lock")  # as a process killed holding it leaves it
+    with sweep.study_lock(timeout=0.5):
+        assert "sweep: took over the lock 'tiny:lock'" in capsys.readouterr().out
+    assert names() == {"tiny"}
+
+
 BAD_SPACES = [
     ({"optimizer.arg.lr": {"float": [0.1, 1]}}, "sweep.optimizer.arg.lr: unknown key 'optimizer.arg' (did you mean "
                                                 "'args'?)"),

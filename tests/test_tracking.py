@@ -179,20 +179,29 @@ def test_k_fold_folds_are_children_of_one_tracked_run(tmp_path, tiny_mnist):
     assert parent.data.metrics["val_accuracy_mean"] == folds["summary"]["val_accuracy"]["mean"]
 
 
-@pytest.mark.slow
 @needs_mlflow
 @pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="Optuna is not installed")
-def test_sweep_trials_are_children_of_one_tracked_run_of_the_study(tmp_path, tiny_mnist):
+def test_sweep_processes_started_together_make_one_tracked_run_of_the_study(tmp_path, tiny_mnist):
+    """Two sweep.py processes started at once on a new study make one parent run, as does a third one later: every
+    trial is a child of it (the study keeps its id)."""
+    from mlflow.tracking import MlflowClient
+
     config = json.loads(shipped_config(tmp_path, tiny_mnist).read_text())
     config["trainer"].update(epochs=1, type="Trainer")
     config["sweep"] = {"optimizer.args.lr": {"float": [1e-3, 1e-2], "log": True}}
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(config))
-    for _ in range(2):  # the second process adds its trial to the same parent (the study keeps its id)
-        result = run("sweep.py", "-c", path, "--trials", str(_ + 1), "--pruner", "none", env=ENV)
-        assert result.returncode == 0, result.stderr
+    MlflowClient(f"sqlite:///{tmp_path / 'saved' / 'mlflow.db'}").search_experiments()  # the store exists, as a server
+    command = [sys.executable, "sweep.py", "-c", str(path), "--trials", "2", "--pruner", "none"]
+    env = {**os.environ, **ENV, "CI": "true", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    later = run("sweep.py", "-c", path, "--trials", "3", "--pruner", "none", env=ENV)
+    assert later.returncode == 0, later.stderr
     client, parent, children, runs = one_parent(tmp_path / "saved" / "mlflow.db")
-    assert children == ["trial-0", "trial-1"] and len(runs) == 3 and parent.info.status == "FINISHED"
+    assert children == ["trial-0", "trial-1", "trial-2"] and len(runs) == 4 and parent.info.status == "FINISHED"
     assert "trials.csv" in {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
 
 
