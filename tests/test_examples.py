@@ -76,6 +76,7 @@ def image_folder(tmp_path):
     return write_image_folder(tmp_path / "images")
 
 
+@pytest.mark.slow
 def test_image_folder_with_torchvision_resnet(tmp_path, image_folder):
     save_dir = tmp_path / "saved"
     result = run("train.py", "-c", ROOT / "configs/image_folder.json", "--epochs", "1", "--bs", "8",

@@ -54,6 +54,7 @@ def finished(tmp_path_factory, tiny_mnist) -> tuple[Path, Path]:
 
 
 # ---- -r auto: the run of the final config; no checkpoint yet starts it; the newest by id ---------------------
+@pytest.mark.slow
 def test_auto_resolves_the_run_from_the_final_config(tmp_path, tiny_mnist):
     config = make_config(tmp_path, tiny_mnist, {**QUICK, "trainer.epochs": 1})
     other = tmp_path / "elsewhere"

@@ -85,6 +85,7 @@ def test_two_processes_write_sharded_checkpoints_and_resume_exactly_on_two(runs,
     assert_equal_states(resumed, straight)
 
 
+@pytest.mark.slow
 def test_resume_on_one_process_then_test_py_and_conversion(runs, tmp_path):
     copy = Path(shutil.copytree(runs["two"], tmp_path / runs["two"].name))
     result = run("train.py", "-r", copy, "-d", "cpu", "--epochs", "3", timeout=TIMEOUT, env=ENV)

@@ -68,6 +68,7 @@ def progress(run_dir) -> tuple[int, int]:
     return state["epoch"], state["batch_in_epoch"]
 
 
+@pytest.mark.slow
 def test_a_loss_with_sample_indices_the_epoch_and_epoch_hooks_resumes_exactly(tmp_path):
     """tests/hooked.py's loss: its per-sample estimates (updated in every training step, by index), its annealed
     weight (set by on_epoch_start, also when a run resumes mid-epoch) and its epoch count (on_epoch_end) give the
