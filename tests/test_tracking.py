@@ -182,16 +182,13 @@ def test_k_fold_folds_are_children_of_one_tracked_run(tmp_path, tiny_mnist):
 @needs_mlflow
 @pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="Optuna is not installed")
 def test_sweep_processes_started_together_make_one_tracked_run_of_the_study(tmp_path, tiny_mnist):
-    """Two sweep.py processes started at once on a new study make one parent run, as does a third one later: every
-    trial is a child of it (the study keeps its id)."""
-    from mlflow.tracking import MlflowClient
-
+    """Two sweep.py processes started at once on a new study (and a new MLflow store) make one parent run, and a
+    third one later adds to it: every trial is a child of it (the study keeps its id)."""
     config = json.loads(shipped_config(tmp_path, tiny_mnist).read_text())
     config["trainer"].update(epochs=1, type="Trainer")
     config["sweep"] = {"optimizer.args.lr": {"float": [1e-3, 1e-2], "log": True}}
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(config))
-    MlflowClient(f"sqlite:///{tmp_path / 'saved' / 'mlflow.db'}").search_experiments()  # the store exists, as a server
     command = [sys.executable, "sweep.py", "-c", str(path), "--trials", "2", "--pruner", "none"]
     env = {**os.environ, **ENV, "CI": "true", "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
