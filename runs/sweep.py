@@ -189,13 +189,14 @@ class Sweep:
         self.tracking = self.track() if create else Tracking({}, enabled=False)
 
     def open_storage(self):
-        from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
+        from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
         try:
             for attempt in range(3):
                 try:
                     return self.optuna.storages.RDBStorage(self.url)
-                except (IntegrityError, ProgrammingError):  # another process made the tables at the same moment
+                except (IntegrityError, OperationalError, ProgrammingError):  # another process made the tables
+                    # at the same moment (SQLite: "table ... already exists"), or the server is not up yet
                     if attempt == 2:
                         raise
                     time.sleep(1)
