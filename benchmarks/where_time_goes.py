@@ -5,6 +5,7 @@ why (b) is slower, not only that it is.
     python benchmarks/where_time_goes.py --way train --device cuda
     python benchmarks/where_time_goes.py --way train --kernels --data data/mnist_small
     OMP_NUM_THREADS=1 python benchmarks/where_time_goes.py --bench imagefolder --way train
+    python benchmarks/where_time_goes.py --bench imagefolder --images 640 --epochs 1 --way train --instructions
 
 (a) the hand-written loop or (b) train.py, as bench_mnist.py runs them (2 epochs, batch 128, --amp and
 --channels-last as there), or with --bench imagefolder as bench_imagefolder.py does (3,000 generated JPEGs, 2
@@ -12,13 +13,18 @@ workers). Printed after the run: the timed span's wall time and each thread's CP
 autograd's device thread, OpenMP's pool; not the DataLoader workers, which are processes); the time spent waiting
 for a DataLoader's next batch; for (b) also the time inside the trainer's parts, per call (nested: train_batch
 holds train_step and the optimizer step). With --kernels instead, one epoch under torch.profiler: the kernels
-launched (CUDA) or aten operators dispatched (CPU), by name, and the GPU's busy time.
+launched (CUDA) or aten operators dispatched (CPU), by name, and the GPU's busy time. With --python-calls instead,
+the timed span under cProfile: the Python functions called and their own time. With --instructions instead,
+the run under valgrind's callgrind, counting only in the timed span: the instructions each process executed (the
+main one, each DataLoader worker), a count that other jobs on the machine do not move (and far slower to get).
 """
 
 import argparse
 import collections
 import functools
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -165,6 +171,56 @@ def kernels(way: str, data_dir: Path, args) -> None:
     REPORT.extend(f"  {event.count:7d}  {event.key[:100]}" for event in sorted(chosen, key=lambda e: -e.count)[:25])
 
 
+def python_calls(way: str, data_dir: Path, args) -> None:
+    """cProfile over the timed span only: the Python functions called, by their own time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    around_timed_span(way, profiler.enable, profiler.disable, BENCHES[args.bench])
+    run(way, data_dir, args)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    REPORT.append(f"{bench_mnist.LABELS[way]}, the timed span under cProfile:{text.getvalue()}")
+
+
+def count_instructions(args) -> None:
+    """This run again under callgrind, instrumented only in the timed span (callgrind_control switches it from inside;
+    workers forked inside are counted too); then each process's count. Both ways get train.py's malloc settings."""
+    from utils.allocator import MALLOC_SETTINGS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.callgrind_out or tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        inner = [arg for arg in sys.argv[1:] if arg != "--instructions"] + ["--instrumented"]
+        env = {**os.environ, **{name: str(value) for name, value in MALLOC_SETTINGS.items()}}
+        command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}/callgrind.out.%p",
+                   sys.executable, __file__, *inner]
+        process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+        if process.wait():
+            sys.exit(f"error: the run under valgrind failed (exit {process.returncode})")
+        counts = {}
+        for path in out.glob("callgrind.out.*"):
+            totals = [line.split()[1] for line in path.read_text().splitlines() if line.startswith("totals:")]
+            if totals and int(totals[0]):
+                counts[int(path.suffix[1:])] = int(totals[0])
+    workers = [count for pid, count in counts.items() if pid != process.pid]
+    REPORT.append(f"{bench_mnist.LABELS[args.way]}, instructions in the timed span: {sum(counts.values()):,}; "
+                  f"main process {counts.get(process.pid, 0):,}" +
+                  (f", {len(workers)} DataLoader workers {sum(workers):,}" if workers else ""))
+
+
+def instrumented(args, data_dir: Path) -> None:
+    """The run inside count_instructions: callgrind counts from the timed span's start to its end."""
+    def switch(state: str):
+        return lambda: subprocess.run(["callgrind_control", "--instr=" + state, str(os.getpid())], check=True,
+                                      stdout=subprocess.DEVNULL)
+
+    around_timed_span(args.way, switch("on"), switch("off"), BENCHES[args.bench])
+    run(args.way, data_dir, args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--way", choices=["hand", "train"], required=True, help="(a) hand or (b) train")
@@ -175,17 +231,31 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="one epoch under torch.profiler instead")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--python-calls", action="store_true", help="cProfile over the timed span instead")
+    parser.add_argument("--instructions", action="store_true", help="count instructions under valgrind instead")
+    parser.add_argument("--callgrind-out", help="with --instructions: keep callgrind's files here (callgrind_annotate)")
+    parser.add_argument("--instrumented", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs (default: 2)")
+    parser.add_argument("--images", type=int, default=3000, help="JPEGs for --bench imagefolder (default: 3000)")
     args = parser.parse_args()
     if args.bench == "imagefolder" and (args.device != "cpu" or args.amp != "off" or args.channels_last):
         parser.error("--bench imagefolder runs bench_imagefolder.py's ways as they are: on the CPU, in float32")
-    args.epochs, args.batch_size, args.compile = 2, bench_mnist.BATCH_SIZE, False
+    if args.instructions and (args.device != "cpu" or not shutil.which("callgrind_control")):
+        parser.error("--instructions runs on the CPU under valgrind: it needs valgrind's callgrind_control on PATH")
+    args.batch_size, args.compile = bench_mnist.BATCH_SIZE, False
+    if args.instructions:
+        count_instructions(args)
+        return print("\n" + "\n".join(REPORT))
     with tempfile.TemporaryDirectory() as tmp:
         if args.bench == "imagefolder":
-            bench_imagefolder.make_images(Path(tmp), 3000)
+            bench_imagefolder.make_images(Path(tmp), args.images)
         else:
             source = bench_mnist.find_mnist(Path(args.data)) or bench_mnist.find_mnist(ROOT / "data" / "mnist_small")
             bench_mnist.prepare_data(source, Path(tmp))
-        (kernels if args.kernels else threads_and_parts)(args.way, Path(tmp), args)
+        if args.instrumented:
+            return instrumented(args, Path(tmp))
+        report = kernels if args.kernels else python_calls if args.python_calls else threads_and_parts
+        report(args.way, Path(tmp), args)
     print("\n" + "\n".join(REPORT))
 
 
