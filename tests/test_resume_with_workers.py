@@ -8,6 +8,7 @@ from torch.utils.data import IterableDataset
 
 from base import BaseDataLoader
 from conftest import make_config, run, run_dirs
+from runs import sharded
 
 ENV = {"OMP_NUM_THREADS": "1"}
 STEPS_PER_EPOCH = 14  # 256 samples less 32 for validation, batches of 16
@@ -85,6 +86,35 @@ def test_a_loss_with_sample_indices_the_epoch_and_epoch_hooks_resumes_exactly(tm
     assert_same_state(resumed, expected)
     assert resumed["criterion"]["epochs_done"] == 3
     assert int((resumed["criterion"]["estimate"].sum(1) > 0).sum()) == 224  # every training sample, by its index
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_with_workers_stopped_and_resumed_equal_never_stopped(tmp_path, strategy):
+    """Under torchrun (2 ranks on the CPU, 2 workers each): rank 1 takes SIGTERM in epoch 2, both stop at the log
+    interval that agrees on it, and the resume trains to the never-stopped run's weights, optimizer state and
+    running sums. Sample keys are the same on every rank, so each rank's workers draw what they drew before."""
+    from test_distributed import finish, launch
+
+    def torchrun(*args, env=None) -> int:
+        code, out = finish(launch("--standalone", "--nproc_per_node=2", "train.py", "-d", "cpu", *args, env=env))
+        assert "stopped by SIGTERM" in out if code else True, out[-3000:]
+        return code
+
+    overrides = {"trainer.strategy": strategy, "trainer.log_step": 2, "trainer.tensorboard": False}
+    assert torchrun("-c", config(tmp_path / "straight", 2, False, overrides)) == 0
+    (reference,) = run_dirs(tmp_path / "straight" / "saved")
+    assert torchrun("-c", config(tmp_path / "stopped", 2, False, overrides), env={"TEST_SIGTERM": "1:10"}) != 0
+    (run_dir,) = run_dirs(tmp_path / "stopped" / "saved")
+    latest = run_dir / ("latest.dcp" if strategy == "fsdp" else "latest.pth")
+    stopped = sharded.load_whole(latest) if strategy == "fsdp" else torch.load(latest, weights_only=True)
+    assert (stopped["epoch"], stopped["batch_in_epoch"]) == (1, 3)  # 7 steps an epoch; the log interval after step 2
+    assert torchrun("-r", run_dir, "--trust-config") == 0  # tests.noisy_data
+    if strategy == "fsdp":
+        resumed, expected = sharded.load_whole(latest), sharded.load_whole(reference / "latest.dcp")
+    else:
+        resumed, expected = (torch.load(r / "latest.pth", weights_only=True) for r in (run_dir, reference))
+    assert_same_state(resumed, expected, strategy)
 
 
 def test_an_iterable_dataset_is_refused_in_one_line():
