@@ -92,29 +92,30 @@ def test_a_loss_with_sample_indices_the_epoch_and_epoch_hooks_resumes_exactly(tm
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_with_workers_stopped_and_resumed_equal_never_stopped(tmp_path, strategy):
     """Under torchrun (2 ranks on the CPU, 2 workers each): rank 1 takes SIGTERM in epoch 2, both stop at the log
-    interval that agrees on it, and the resume trains to the never-stopped run's weights, optimizer state and
-    running sums. Sample keys are the same on every rank, so each rank's workers draw what they drew before."""
+    interval that agrees on it, and the resume trains to the never-stopped run's weights, optimizer state and each
+    rank's running sums: every draw is seeded from its sample's key, whichever rank's worker reads it."""
     from test_distributed import finish, launch
 
-    def torchrun(*args, env=None) -> int:
-        code, out = finish(launch("--standalone", "--nproc_per_node=2", "train.py", "-d", "cpu", *args, env=env))
-        assert "stopped by SIGTERM" in out if code else True, out[-3000:]
-        return code
+    def torchrun(*args, env=None) -> tuple[int, str]:
+        return finish(launch("--standalone", "--nproc_per_node=2", "train.py", "-d", "cpu", *args, env=env))
+
+    def latest(run_dir):
+        if strategy == "fsdp":
+            return sharded.load_whole(run_dir / "latest.dcp")
+        return torch.load(run_dir / "latest.pth", weights_only=True)
 
     overrides = {"trainer.strategy": strategy, "trainer.log_step": 2, "trainer.tensorboard": False}
-    assert torchrun("-c", config(tmp_path / "straight", 2, False, overrides)) == 0
-    (reference,) = run_dirs(tmp_path / "straight" / "saved")
-    assert torchrun("-c", config(tmp_path / "stopped", 2, False, overrides), env={"TEST_SIGTERM": "1:10"}) != 0
+    code, out = torchrun("-c", config(tmp_path / "straight", 2, False, overrides))
+    assert code == 0, out[-3000:]
+    code, out = torchrun("-c", config(tmp_path / "stopped", 2, False, overrides), env={"TEST_SIGTERM": "1:10"})
+    assert code != 0 and "stopped by SIGTERM" in out, out[-3000:]
     (run_dir,) = run_dirs(tmp_path / "stopped" / "saved")
-    latest = run_dir / ("latest.dcp" if strategy == "fsdp" else "latest.pth")
-    stopped = sharded.load_whole(latest) if strategy == "fsdp" else torch.load(latest, weights_only=True)
+    stopped = latest(run_dir)
     assert (stopped["epoch"], stopped["batch_in_epoch"]) == (1, 3)  # 7 steps an epoch; the log interval after step 2
-    assert torchrun("-r", run_dir, "--trust-config") == 0  # tests.noisy_data
-    if strategy == "fsdp":
-        resumed, expected = sharded.load_whole(latest), sharded.load_whole(reference / "latest.dcp")
-    else:
-        resumed, expected = (torch.load(r / "latest.pth", weights_only=True) for r in (run_dir, reference))
-    assert_same_state(resumed, expected, strategy)
+    code, out = torchrun("-r", run_dir, "--trust-config")  # tests.noisy_data
+    assert code == 0, out[-3000:]
+    (reference,) = run_dirs(tmp_path / "straight" / "saved")
+    assert_same_state(latest(run_dir), latest(reference), strategy)
 
 
 def test_an_iterable_dataset_is_refused_in_one_line():
