@@ -11,12 +11,13 @@ why (b) is slower, not only that it is.
 --channels-last as there), or with --bench imagefolder as bench_imagefolder.py does (3,000 generated JPEGs, 2
 workers). Printed after the run: the timed span's wall time and each thread's CPU seconds (the main thread,
 autograd's device thread, OpenMP's pool; not the DataLoader workers, which are processes); the time spent waiting
-for a DataLoader's next batch; for (b) also the time inside the trainer's parts, per call (nested: train_batch
-holds train_step and the optimizer step). With --kernels instead, one epoch under torch.profiler: the kernels
-launched (CUDA) or aten operators dispatched (CPU), by name, and the GPU's busy time. With --python-calls instead,
-the timed span under cProfile: the Python functions called and their own time. With --instructions instead,
-the run under valgrind's callgrind, counting only in the timed span: the instructions each process executed (the
-main one, each DataLoader worker), a count that other jobs on the machine do not move (and far slower to get).
+for a DataLoader's next batch, and inside the model's forward, backward, the optimizer's step and zero_grad, per
+call, both ways; for (b) also the trainer's parts (nested: train_batch holds train_step and the optimizer step).
+With --kernels instead, one epoch under torch.profiler: the kernels launched (CUDA) or aten operators dispatched
+(CPU), by name, and the GPU's busy time. With --python-calls instead, the timed span under cProfile: the Python
+functions called and their own time. With --instructions instead, the run under valgrind's callgrind, counting only
+in the timed span: the instructions each process executed (the main one, each DataLoader worker), a count that other
+jobs on the machine do not move (and far slower to get).
 """
 
 import argparse
@@ -59,10 +60,15 @@ def thread_seconds() -> dict[str, tuple[str, float]]:
 
 
 def time_parts(way: str) -> None:
-    """Time the DataLoader's next batch (both ways) and, for (b), the trainer's parts."""
+    """Time what both ways do (the DataLoader's next batch, the model's forward, backward, the optimizer's step and
+    zero_grad) and, for (b), the trainer's parts."""
     from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-    parts = [(_MultiProcessingDataLoaderIter, "__next__")]
+    from model.model import MnistModel
+
+    parts = [(_MultiProcessingDataLoaderIter, "__next__"), (MnistModel, "forward"),
+             (bench_imagefolder.SmallCNN, "forward"), (torch.Tensor, "backward"), (torch.optim.Adam, "step"),
+             (torch.optim.SGD, "step"), (torch.optim.Optimizer, "zero_grad")]
     if way == "train":
         from data_loader.datasets import InMemoryImages
         from trainer import optim_step, trainer
