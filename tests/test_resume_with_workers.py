@@ -9,6 +9,7 @@ from torch.utils.data import IterableDataset
 from base import BaseDataLoader
 from conftest import make_config, run, run_dirs
 from runs import sharded
+from test_distributed import finish, launch
 
 ENV = {"OMP_NUM_THREADS": "1"}
 STEPS_PER_EPOCH = 14  # 256 samples less 32 for validation, batches of 16
@@ -94,8 +95,6 @@ def test_two_processes_with_workers_stopped_and_resumed_equal_never_stopped(tmp_
     """Under torchrun (2 ranks on the CPU, 2 workers each): rank 1 takes SIGTERM in epoch 2, both stop at the log
     interval that agrees on it, and the resume trains to the never-stopped run's weights, optimizer state and each
     rank's running sums: every draw is seeded from its sample's key, whichever rank's worker reads it."""
-    from test_distributed import finish, launch
-
     def torchrun(*args, env=None) -> tuple[int, str]:
         return finish(launch("--standalone", "--nproc_per_node=2", "train.py", "-d", "cpu", *args, env=env))
 
